@@ -1,0 +1,35 @@
+"""Errors nurture raises on purpose.
+
+    NurtureError
+    ├── ImportFileError        an import file cannot be read at all (unreadable, bad encoding, missing column)
+    ├── ContactNotFound        no contact has the external id asked for
+    └── ProgrammeError         the programme or a template under templates/ is invalid (issue: calendar)
+
+Each carries its context as keyword-only attributes and renders as one line a person can act on.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class NurtureError(Exception):
+    """Base of every error nurture raises on purpose."""
+
+
+class ImportFileError(NurtureError):
+    """Raised when an import file cannot be imported at all; nothing has been written."""
+
+    def __init__(self, message: str, *, path: Path, line: int | None = None) -> None:
+        self.path = path
+        self.line = line
+        where = f"{path}:{line}" if line is not None else str(path)
+        super().__init__(f"{where}: {message}")
+
+
+class ContactNotFound(NurtureError):
+    """Raised when no contact has the given external id."""
+
+    def __init__(self, *, external_id: str) -> None:
+        self.external_id = external_id
+        super().__init__(f"no contact with external id {external_id!r}")

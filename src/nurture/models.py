@@ -1,0 +1,307 @@
+"""The schema: every table nurture keeps, as typed SQLAlchemy 2 models.
+
+Timestamps are timezone-aware UTC in Python and UTC in storage. Statuses are closed sets (``StrEnum``)
+mirrored in the schema as CHECK constraints. Changes to this module go with an Alembic migration in
+``nurture/migrations/versions``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from decimal import Decimal
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Date,
+    DateTime,
+    Dialect,
+    Enum,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    Numeric,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class UTCDateTime(TypeDecorator[dt.datetime]):
+    """A timezone-aware instant, stored as UTC; naive datetimes are refused rather than guessed."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: dt.datetime | None, dialect: Dialect) -> dt.datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r}: nurture stores timezone-aware instants only")
+        value = value.astimezone(dt.UTC)
+        # SQLite has no timezone type: store naive UTC so that text comparison orders instants.
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: dt.datetime | None, dialect: Dialect) -> dt.datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
+
+
+def _enum(enum: type[StrEnum], name: str) -> Enum:
+    return Enum(
+        enum,
+        name=name,
+        native_enum=False,
+        create_constraint=True,
+        length=32,
+        values_callable=lambda members: [member.value for member in members],
+        validate_strings=True,
+    )
+
+
+class Channel(StrEnum):
+    EMAIL = "email"
+    SMS = "sms"
+
+
+class ConsentStatus(StrEnum):
+    GRANTED = "granted"
+    REVOKED = "revoked"
+
+
+class FeedbackKind(StrEnum):
+    NPS = "nps"
+    CSAT = "csat"
+    COMPLAINT = "complaint"
+    CANCEL_REQUEST = "cancel_request"
+
+
+class Stage(StrEnum):
+    PROSPECT = "prospect"
+    NEW = "new"
+    RETURNING = "returning"
+    LOYAL = "loyal"
+    AT_RISK = "at_risk"
+    LAPSED = "lapsed"
+    LOST = "lost"
+
+
+class ValueTier(StrEnum):
+    NONE = "none"
+    LOW = "low"
+    MEDIUM = "medium"
+    HIGH = "high"
+
+
+class Satisfaction(StrEnum):
+    PROMOTER = "promoter"
+    PASSIVE = "passive"
+    DETRACTOR = "detractor"
+    UNKNOWN = "unknown"
+
+
+class SendStatus(StrEnum):
+    CLAIMED = "claimed"  # the key is taken; the channel may or may not have been called yet
+    SENT = "sent"
+    FAILED = "failed"
+    HELD_OUT = "held_out"  # in the holdout: recorded, never sent
+    UNKNOWN = "unknown"  # the provider may have it; never resent without a person's say
+
+
+class SendCategory(StrEnum):
+    MARKETING = "marketing"
+    SERVICE = "service"
+
+
+naming_convention = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=naming_convention)
+    type_annotation_map = {dt.datetime: UTCDateTime(), dict[str, Any]: JSON()}
+
+
+class Contact(Base):
+    __tablename__ = "contacts"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    external_id: Mapped[str] = mapped_column(String(255), unique=True)
+    first_name: Mapped[str | None] = mapped_column(String(255))
+    last_name: Mapped[str | None] = mapped_column(String(255))
+    email: Mapped[str | None] = mapped_column(String(320), index=True)
+    phone: Mapped[str | None] = mapped_column(String(20), index=True)  # E.164
+    country: Mapped[str | None] = mapped_column(String(2))  # ISO 3166-1 alpha-2
+    locale: Mapped[str] = mapped_column(String(16))  # e.g. "es", "pt_BR"
+    timezone: Mapped[str] = mapped_column(String(64))  # IANA
+    birthday: Mapped[dt.date | None] = mapped_column(Date)
+    referral_code: Mapped[str] = mapped_column(String(16), unique=True)
+    referred_by: Mapped[str | None] = mapped_column(String(255))  # as imported: an external id or a code
+    attributes: Mapped[dict[str, Any]] = mapped_column(default=dict)  # unknown import columns, kept
+    created_at: Mapped[dt.datetime]
+    updated_at: Mapped[dt.datetime]
+
+
+class ContactTag(Base):
+    """An interest tag of a contact; one row per (contact, tag) so that segments select by tag in SQL."""
+
+    __tablename__ = "contact_tags"
+
+    contact_id: Mapped[int] = mapped_column(ForeignKey("contacts.id", ondelete="CASCADE"), primary_key=True)
+    tag: Mapped[str] = mapped_column(String(64), primary_key=True, index=True)
+
+
+class Visit(Base):
+    """A purchase or an appointment: the conversion every touch is measured by."""
+
+    __tablename__ = "visits"
+    __table_args__ = (Index("ix_visits_contact_occurred", "contact_id", "occurred_at"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    external_id: Mapped[str] = mapped_column(String(255), unique=True)
+    contact_id: Mapped[int] = mapped_column(ForeignKey("contacts.id", ondelete="CASCADE"))
+    occurred_at: Mapped[dt.datetime] = mapped_column(index=True)
+    amount: Mapped[Decimal] = mapped_column(Numeric(12, 2))
+    currency: Mapped[str] = mapped_column(String(3))
+    created_at: Mapped[dt.datetime]
+
+
+class Feedback(Base):
+    """An NPS or CSAT score, a complaint or a cancellation request; a complaint stays open until resolved."""
+
+    __tablename__ = "feedback"
+    __table_args__ = (
+        UniqueConstraint("contact_id", "kind", "occurred_at", name="uq_feedback_contact_kind_occurred"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    contact_id: Mapped[int] = mapped_column(ForeignKey("contacts.id", ondelete="CASCADE"), index=True)
+    occurred_at: Mapped[dt.datetime]
+    kind: Mapped[FeedbackKind] = mapped_column(_enum(FeedbackKind, "feedback_kind"))
+    score: Mapped[int | None] = mapped_column(Integer)
+    comment: Mapped[str | None] = mapped_column(Text)
+    resolved_at: Mapped[dt.datetime | None]
+    created_at: Mapped[dt.datetime]
+
+
+class Consent(Base):
+    """The current consent of a contact on a channel; no row means not given."""
+
+    __tablename__ = "consents"
+
+    contact_id: Mapped[int] = mapped_column(ForeignKey("contacts.id", ondelete="CASCADE"), primary_key=True)
+    channel: Mapped[Channel] = mapped_column(_enum(Channel, "channel"), primary_key=True)
+    status: Mapped[ConsentStatus] = mapped_column(_enum(ConsentStatus, "consent_status"))
+    changed_at: Mapped[dt.datetime]
+    source: Mapped[str] = mapped_column(String(255))
+
+
+class ConsentEvent(Base):
+    """One change of consent, kept forever: when, to what, and where it came from."""
+
+    __tablename__ = "consent_events"
+    __table_args__ = (Index("ix_consent_events_contact_channel", "contact_id", "channel", "occurred_at"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    contact_id: Mapped[int] = mapped_column(ForeignKey("contacts.id", ondelete="CASCADE"))
+    channel: Mapped[Channel] = mapped_column(_enum(Channel, "channel"))
+    status: Mapped[ConsentStatus] = mapped_column(_enum(ConsentStatus, "consent_status"))
+    occurred_at: Mapped[dt.datetime]
+    source: Mapped[str] = mapped_column(String(255))
+
+
+class LoyaltyEntry(Base):
+    """Points and punch-card stamps earned (positive) or redeemed (negative), each once by ``key``."""
+
+    __tablename__ = "loyalty_entries"
+    __table_args__ = (Index("ix_loyalty_entries_contact_occurred", "contact_id", "occurred_at"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    key: Mapped[str] = mapped_column(String(255), unique=True)  # e.g. "visit:<visit id>"
+    contact_id: Mapped[int] = mapped_column(ForeignKey("contacts.id", ondelete="CASCADE"))
+    occurred_at: Mapped[dt.datetime]
+    points: Mapped[int] = mapped_column(default=0)
+    stamps: Mapped[int] = mapped_column(default=0)
+    reason: Mapped[str] = mapped_column(String(64))
+
+
+class Referral(Base):
+    """A referred contact and who referred them; one referrer per referred contact."""
+
+    __tablename__ = "referrals"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    referrer_id: Mapped[int] = mapped_column(ForeignKey("contacts.id", ondelete="CASCADE"), index=True)
+    referred_id: Mapped[int] = mapped_column(ForeignKey("contacts.id", ondelete="CASCADE"), unique=True)
+    created_at: Mapped[dt.datetime]
+
+
+class ContactProfile(Base):
+    """What nurture knows about a contact as of ``as_of``, rebuilt set-based by a refresh."""
+
+    __tablename__ = "contact_profiles"
+    __table_args__ = (Index("ix_contact_profiles_stage", "stage"),)
+
+    contact_id: Mapped[int] = mapped_column(ForeignKey("contacts.id", ondelete="CASCADE"), primary_key=True)
+    as_of: Mapped[dt.datetime]
+    stage: Mapped[Stage] = mapped_column(_enum(Stage, "stage"))
+    value_tier: Mapped[ValueTier] = mapped_column(_enum(ValueTier, "value_tier"))
+    satisfaction: Mapped[Satisfaction] = mapped_column(_enum(Satisfaction, "satisfaction"))
+    complaint_open: Mapped[bool]
+    visits: Mapped[int]
+    first_visit: Mapped[dt.datetime | None]
+    last_visit: Mapped[dt.datetime | None]
+    total_spend: Mapped[Decimal] = mapped_column(Numeric(14, 2))
+    currency: Mapped[str | None] = mapped_column(String(3))
+    own_interval_days: Mapped[float | None]  # mean gap between the contact's own visits
+    expected_interval_days: Mapped[float | None]  # own rhythm shrunk toward similar customers'
+    expected_next_visit: Mapped[dt.datetime | None]
+    expected_value: Mapped[Decimal] = mapped_column(Numeric(14, 2))  # spend expected over the next year
+    points: Mapped[int]
+    stamps: Mapped[int]  # progress on the current punch card
+
+
+class Send(Base):
+    """The ledger: one row per (contact, touch, occurrence), claimed before any channel is called.
+
+    ``key`` is the idempotency key; its uniqueness is what makes a second send of the same message
+    impossible, whatever crashes or runs concurrently.
+    """
+
+    __tablename__ = "sends"
+    __table_args__ = (
+        Index("ix_sends_contact_sent", "contact_id", "sent_at"),
+        Index("ix_sends_touch_status", "touch", "status"),
+        Index("ix_sends_status", "status"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    key: Mapped[str] = mapped_column(String(255), unique=True)
+    contact_id: Mapped[int] = mapped_column(ForeignKey("contacts.id", ondelete="CASCADE"))
+    touch: Mapped[str] = mapped_column(String(64))
+    occurrence: Mapped[str] = mapped_column(String(128))
+    campaign: Mapped[str | None] = mapped_column(String(128))
+    category: Mapped[SendCategory] = mapped_column(_enum(SendCategory, "send_category"))
+    status: Mapped[SendStatus] = mapped_column(_enum(SendStatus, "send_status"))
+    channel: Mapped[Channel | None] = mapped_column(_enum(Channel, "channel"))
+    locale: Mapped[str | None] = mapped_column(String(16))
+    template: Mapped[str | None] = mapped_column(String(255))
+    subject: Mapped[str | None] = mapped_column(Text)
+    segments: Mapped[int | None]
+    incentive: Mapped[Decimal | None] = mapped_column(Numeric(12, 2))
+    due_at: Mapped[dt.datetime]
+    claimed_at: Mapped[dt.datetime]
+    sent_at: Mapped[dt.datetime | None]
+    provider_message_id: Mapped[str | None] = mapped_column(String(255))
+    error: Mapped[str | None] = mapped_column(Text)
+    run_id: Mapped[str | None] = mapped_column(String(64))

@@ -1,0 +1,71 @@
+"""Settings: one model, read once at the edge (environment, prefix ``NURTURE_``, optional ``.env``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Everything nurture can be told; every field is ``NURTURE_<NAME>`` in the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="NURTURE_", env_file=".env", extra="ignore")
+
+    database_url: str = Field(
+        "sqlite:///nurture.db",
+        description="SQLAlchemy URL; PostgreSQL as postgresql+psycopg://user@host/db.",
+    )
+    templates_dir: Path = Field(Path("templates"), description="The programme and its templates.")
+    outbox_dir: Path = Field(Path("outbox"), description="Where the embedded outbox channel writes.")
+    secret_key: SecretStr = Field(
+        SecretStr("insecure-development-key"),
+        description="Signs unsubscribe tokens. Set a long random value in production.",
+    )
+
+    # Imports
+    default_country: str | None = Field(
+        None, description="ISO 3166 country for phones written the local way when a row has no country."
+    )
+    default_locale: str = Field("en", description="Locale of contacts imported without one.")
+    default_timezone: str = Field(
+        "UTC", description="IANA timezone of contacts whose row and phone number do not tell one."
+    )
+    import_batch_size: int = Field(5000, ge=100, description="Rows written to the database at a time.")
+
+    # What nurture knows about each customer (see README, "Lifecycle").
+    loyal_min_visits: int = Field(4, ge=2, description="Visits from which a customer in rhythm is loyal.")
+    at_risk_after: float = Field(
+        1.5,
+        gt=1,
+        description="At risk once the time since the last visit exceeds this many expected intervals.",
+    )
+    lapsed_after: float = Field(3.0, gt=1, description="Lapsed after this many expected intervals.")
+    lost_after: float = Field(6.0, gt=1, description="Lost after this many expected intervals.")
+    prior_weight: float = Field(
+        3.0,
+        ge=0,
+        description="Pseudo-intervals of similar customers' rhythm blended into a contact's own rhythm.",
+    )
+    high_value_share: float = Field(
+        0.2, gt=0, lt=1, description="Top share of customers by value: tier high."
+    )
+    medium_value_share: float = Field(0.3, gt=0, lt=1, description="Next share by value: tier medium.")
+    punch_card_size: int = Field(10, ge=2, description="Stamps that complete a punch card.")
+    points_per_unit: float = Field(1.0, ge=0, description="Loyalty points earned per unit of currency spent.")
+
+    @field_validator("default_timezone")
+    @classmethod
+    def _known_timezone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"unknown IANA timezone {value!r}") from exc
+        return value
+
+
+def load_settings() -> Settings:
+    """Read the settings from the environment and ``.env``."""
+    return Settings()

@@ -1,0 +1,81 @@
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError, StatementError
+from sqlalchemy.orm import Session, sessionmaker
+from typer.testing import CliRunner
+
+from nurture import db
+from nurture.cli import app
+from nurture.models import Contact, Send, SendCategory, SendStatus
+from nurture.settings import Settings
+
+
+def _contact(external_id: str, now: dt.datetime) -> Contact:
+    return Contact(
+        external_id=external_id,
+        locale="es",
+        timezone="Europe/Madrid",
+        referral_code=f"R{external_id}",
+        created_at=now,
+        updated_at=now,
+    )
+
+
+def test_instants_come_back_timezone_aware_utc(sessions: sessionmaker[Session]) -> None:
+    madrid = dt.datetime(2026, 3, 29, 3, 30, tzinfo=dt.timezone(dt.timedelta(hours=2)))
+    with sessions.begin() as session:
+        session.add(_contact("c1", madrid))
+    with sessions() as session:
+        stored = session.scalars(select(Contact.created_at)).one()
+    assert stored == madrid
+    assert stored.utcoffset() == dt.timedelta(0)
+
+
+def test_naive_instants_are_refused(sessions: sessionmaker[Session]) -> None:
+    with pytest.raises(StatementError, match="naive datetime"), sessions.begin() as session:
+        session.add(_contact("c1", dt.datetime(2026, 1, 1)))
+        session.flush()
+
+
+def test_the_ledger_refuses_a_second_row_for_the_same_key(sessions: sessionmaker[Session]) -> None:
+    now = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    with sessions.begin() as session:
+        contact = _contact("c1", now)
+        session.add(contact)
+        session.flush()
+        contact_id = contact.id
+
+    def claim() -> Send:
+        return Send(
+            key="welcome:1:first",
+            contact_id=contact_id,
+            touch="welcome",
+            occurrence="first",
+            category=SendCategory.MARKETING,
+            status=SendStatus.CLAIMED,
+            due_at=now,
+            claimed_at=now,
+        )
+
+    with sessions.begin() as session:
+        session.add(claim())
+    with pytest.raises(IntegrityError), sessions.begin() as session:
+        session.add(claim())
+
+
+def test_db_upgrade_command_creates_the_schema(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    url = f"sqlite:///{tmp_path / 'fresh.db'}"
+    monkeypatch.setenv("NURTURE_DATABASE_URL", url)
+    result = CliRunner().invoke(app, ["db", "upgrade"])
+    assert result.exit_code == 0, result.output
+    assert db.is_current(db.make_engine(url))
+
+
+def test_connect_migrates_a_new_database_by_itself(tmp_path: Path) -> None:
+    settings = Settings(database_url=f"sqlite:///{tmp_path / 'new.db'}", _env_file=None)  # type: ignore[call-arg]
+    assert db.is_current(db.connect(settings))
