@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import datetime as dt
+from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.table import Table
 from sqlalchemy import Engine
 
-from nurture import db
+from nurture import db, synthetic
 from nurture.errors import NurtureError
 from nurture.settings import Settings, load_settings
 
@@ -40,3 +43,34 @@ def db_upgrade(
     url = database_url or settings.database_url
     db.upgrade(db.make_engine(url))
     console.print(f"schema is up to date: {db.make_engine(url).url.render_as_string(hide_password=True)}")
+
+
+synthetic_app = typer.Typer(
+    no_args_is_help=True, help="A synthetic business for demos, tests and benchmarks."
+)
+app.add_typer(synthetic_app, name="synthetic")
+
+
+@synthetic_app.command("generate")
+def synthetic_generate(
+    directory: Annotated[
+        Path, typer.Argument(help="Folder to write contacts.csv, visits.csv, feedback.csv to.")
+    ],
+    contacts: Annotated[int, typer.Option(min=1, help="Contacts to generate.")] = 3000,
+    seed: Annotated[int, typer.Option(help="Same seed, same files.")] = 7,
+    start: Annotated[dt.datetime, typer.Option(formats=["%Y-%m-%d"], help="First day of history.")] = (
+        dt.datetime(2025, 6, 1)
+    ),
+    end: Annotated[dt.datetime, typer.Option(formats=["%Y-%m-%d"], help="Day the history stops.")] = (
+        dt.datetime(2026, 11, 1)
+    ),
+) -> None:
+    """Write the import files of a believable salon and spa chain, a few bad rows included."""
+    if end <= start:
+        raise fail(f"--end {end:%Y-%m-%d} must be after --start {start:%Y-%m-%d}")
+    files = synthetic.generate(directory, contacts=contacts, seed=seed, start=start.date(), end=end.date())
+    console.print(f"synthetic business written to {directory}")
+    table = Table("file", "rows", "bad rows")
+    for name in ("contacts", "visits", "feedback"):
+        table.add_row(f"{name}.csv", f"{files.rows[name]:,}", f"{files.bad_rows(name):,}")
+    console.print(table)
