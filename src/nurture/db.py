@@ -14,7 +14,7 @@ from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.functions import FunctionElement
-from sqlalchemy.types import Float
+from sqlalchemy.types import Float, String
 
 from nurture.settings import Settings
 
@@ -88,3 +88,20 @@ def _epoch_sqlite(element: epoch_seconds, compiler: SQLCompiler, **kw: Any) -> s
 @compiles(epoch_seconds, "postgresql")
 def _epoch_postgresql(element: epoch_seconds, compiler: SQLCompiler, **kw: Any) -> str:
     return f"CAST(EXTRACT(EPOCH FROM {compiler.process(element.clauses, **kw)}) AS DOUBLE PRECISION)"
+
+
+class month_day(FunctionElement[str]):
+    """The ``MM-DD`` of a stored date, on every supported dialect."""
+
+    type = String()
+    inherit_cache = True
+
+
+@compiles(month_day, "sqlite")
+def _month_day_sqlite(element: month_day, compiler: SQLCompiler, **kw: Any) -> str:
+    return f"strftime('%m-%d', {compiler.process(element.clauses, **kw)})"
+
+
+@compiles(month_day, "postgresql")
+def _month_day_postgresql(element: month_day, compiler: SQLCompiler, **kw: Any) -> str:
+    return f"to_char({compiler.process(element.clauses, **kw)}, 'MM-DD')"

@@ -10,6 +10,8 @@ Each carries its context as keyword-only attributes and renders as one line a pe
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -33,3 +35,27 @@ class ContactNotFound(NurtureError):
     def __init__(self, *, external_id: str) -> None:
         self.external_id = external_id
         super().__init__(f"no contact with external id {external_id!r}")
+
+
+@dataclass(frozen=True)
+class ProgrammeProblem:
+    """One problem in the programme files: where it is and what is wrong."""
+
+    path: Path
+    line: int | None
+    field: str | None
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.path}:{self.line}" if self.line is not None else str(self.path)
+        return f"{where}: {self.field}: {self.message}" if self.field else f"{where}: {self.message}"
+
+
+class ProgrammeError(NurtureError):
+    """Raised when the programme under templates/ is invalid; lists every problem found."""
+
+    def __init__(self, problems: Sequence[ProgrammeProblem]) -> None:
+        self.problems = tuple(problems)
+        count = len(self.problems)
+        head = f"the programme has {count} problem{'s' if count != 1 else ''}"
+        super().__init__("\n".join([head, *(f"  {problem}" for problem in self.problems)]))

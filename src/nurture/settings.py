@@ -56,6 +56,11 @@ class Settings(BaseSettings):
     punch_card_size: int = Field(10, ge=2, description="Stamps that complete a punch card.")
     points_per_unit: float = Field(1.0, ge=0, description="Loyalty points earned per unit of currency spent.")
 
+    # The contact calendar
+    send_batch_size: int = Field(
+        1000, ge=1, description="Messages claimed, sent and recorded together: one commit each way per batch."
+    )
+
     @field_validator("default_timezone")
     @classmethod
     def _known_timezone(cls, value: str) -> str:
