@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.progress import Progress
 from rich.table import Table
 from sqlalchemy import Engine
 
 from nurture import db, synthetic
 from nurture.errors import NurtureError
+from nurture.imports import ImportKind, import_file
 from nurture.settings import Settings, load_settings
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, help=__doc__)
@@ -25,7 +28,7 @@ err_console = Console(stderr=True)
 
 def fail(error: NurtureError | str) -> typer.Exit:
     """Print one error line and give the exit that ends the command."""
-    err_console.print(f"[bold red]error:[/] {error}", highlight=False, markup=True)
+    err_console.print(f"[bold red]error:[/] {error}", highlight=False, markup=True, soft_wrap=True)
     return typer.Exit(code=1)
 
 
@@ -74,3 +77,43 @@ def synthetic_generate(
     for name in ("contacts", "visits", "feedback"):
         table.add_row(f"{name}.csv", f"{files.rows[name]:,}", f"{files.bad_rows(name):,}")
     console.print(table)
+
+
+@app.command("import")
+def import_(
+    kind: Annotated[ImportKind, typer.Argument(help="What the file holds.")],
+    file: Annotated[Path, typer.Argument(help="A CSV file (UTF-8, with a header line).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object.")] = False,
+) -> None:
+    """Import contacts, visits or feedback from a CSV file; bad rows go to FILE.rejects.csv."""
+    settings = load_settings()
+    engine = None
+    try:
+        engine = open_database(settings)
+        sessions = db.session_factory(engine)
+        if err_console.is_terminal:
+            with Progress(console=err_console, transient=True) as bar:
+                task = bar.add_task(f"importing {file.name}", total=None)
+                summary = import_file(
+                    sessions,
+                    kind,
+                    file,
+                    settings,
+                    progress=lambda done, total: bar.update(task, completed=done, total=total),
+                )
+        else:
+            summary = import_file(sessions, kind, file, settings)
+    except NurtureError as error:
+        raise fail(error) from None
+    finally:
+        if engine is not None:
+            engine.dispose()
+    if as_json:
+        typer.echo(json.dumps(summary.as_dict()))
+        return
+    console.print(
+        f"{file}: [bold]{summary.imported}[/] imported, [bold]{summary.updated}[/] updated,"
+        f" [bold]{summary.unchanged}[/] unchanged, [bold]{summary.rejected}[/] rejected"
+    )
+    if summary.rejects_file is not None:
+        console.print(f"rejected rows, each with its line and reason: {summary.rejects_file}")

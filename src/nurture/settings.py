@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from babel.numbers import list_currencies
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -32,6 +33,9 @@ class Settings(BaseSettings):
     default_locale: str = Field("en", description="Locale of contacts imported without one.")
     default_timezone: str = Field(
         "UTC", description="IANA timezone of contacts whose row and phone number do not tell one."
+    )
+    default_currency: str = Field(
+        "EUR", description="ISO 4217 currency of visits imported without one.", min_length=3, max_length=3
     )
     import_batch_size: int = Field(5000, ge=100, description="Rows written to the database at a time.")
 
@@ -69,6 +73,21 @@ class Settings(BaseSettings):
         except (ZoneInfoNotFoundError, ValueError) as exc:
             raise ValueError(f"unknown IANA timezone {value!r}") from exc
         return value
+
+    @field_validator("default_currency")
+    @classmethod
+    def _known_currency(cls, value: str) -> str:
+        code = value.upper()
+        if code not in list_currencies():
+            raise ValueError(f"unknown ISO 4217 currency {value!r}")
+        return code
+
+    @field_validator("default_country")
+    @classmethod
+    def _upper_country(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        return value.strip().upper() or None
 
 
 def load_settings() -> Settings:
