@@ -4,8 +4,8 @@ import datetime as dt
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError, StatementError
+from sqlalchemy import select, text
+from sqlalchemy.exc import IntegrityError, OperationalError, StatementError
 from sqlalchemy.orm import Session, sessionmaker
 from typer.testing import CliRunner
 
@@ -79,3 +79,18 @@ def test_db_upgrade_command_creates_the_schema(tmp_path: Path, monkeypatch: pyte
 def test_connect_migrates_a_new_database_by_itself(tmp_path: Path) -> None:
     settings = Settings(database_url=f"sqlite:///{tmp_path / 'new.db'}", _env_file=None)  # type: ignore[call-arg]
     assert db.is_current(db.connect(settings))
+
+
+def test_a_second_holder_of_an_exclusive_lock_waits_for_the_first(sessions: sessionmaker[Session]) -> None:
+    with sessions.begin() as first:
+        db.exclusive(first, "nurture.profiles.refresh")
+        with sessions.begin() as second:
+            # Wait a moment only, so that "would wait" shows as an error instead of a hang.
+            if second.get_bind().dialect.name == "postgresql":
+                second.execute(text("SET LOCAL lock_timeout = '50ms'"))
+            else:
+                second.execute(text("PRAGMA busy_timeout = 50"))
+            with pytest.raises(OperationalError):
+                db.exclusive(second, "nurture.profiles.refresh")
+    with sessions.begin() as third:
+        db.exclusive(third, "nurture.profiles.refresh")

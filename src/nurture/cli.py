@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import csv
 import datetime as dt
 import json
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -12,9 +16,10 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
 
-from nurture import db, synthetic
-from nurture.errors import NurtureError
+from nurture import db, profiles, synthetic
+from nurture.errors import NurtureError, ProfileNotRefreshed
 from nurture.imports import ImportKind, import_file
 from nurture.settings import Settings, load_settings
 
@@ -117,3 +122,116 @@ def import_(
     )
     if summary.rejects_file is not None:
         console.print(f"rejected rows, each with its line and reason: {summary.rejects_file}")
+
+
+@contextmanager
+def database_sessions(settings: Settings) -> Iterator[sessionmaker[Session]]:
+    """Sessions on the configured database for one command; its connections are closed at the end."""
+    engine = open_database(settings)
+    try:
+        yield db.session_factory(engine)
+    finally:
+        engine.dispose()
+
+
+contacts_app = typer.Typer(no_args_is_help=True, help="What nurture knows about each customer.")
+app.add_typer(contacts_app, name="contacts")
+
+
+def _instant(value: str | None) -> dt.datetime:
+    """Parse ``--at``: ISO 8601; a time without an offset is UTC; none means now."""
+    if value is None:
+        return dt.datetime.now(dt.UTC)
+    try:
+        parsed = dt.datetime.fromisoformat(value)
+    except ValueError as exc:
+        raise fail(f"--at {value!r}: not an ISO 8601 timestamp (e.g. 2026-03-01T09:00:00+01:00)") from exc
+    return parsed.replace(tzinfo=dt.UTC) if parsed.tzinfo is None else parsed
+
+
+@contacts_app.command("refresh")
+def contacts_refresh(
+    at: Annotated[
+        str | None,
+        typer.Option(help="Compute profiles as of this ISO 8601 instant (no offset means UTC); default now."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object.")] = False,
+) -> None:
+    """Rebuild every contact's profile (stage, value, satisfaction, next visit, loyalty) as of an instant."""
+    settings = load_settings()
+    instant = _instant(at)
+    started = time.perf_counter()
+    with database_sessions(settings) as factory, factory.begin() as session:
+        summary = profiles.refresh(session, settings, instant)
+    seconds = time.perf_counter() - started
+    if as_json:
+        typer.echo(
+            json.dumps(
+                {
+                    "as_of": summary.as_of.isoformat(),
+                    "contacts": summary.contacts,
+                    "stages": {str(stage): count for stage, count in summary.stages.items()},
+                    "value_tiers": {str(tier): count for tier, count in summary.value_tiers.items()},
+                    "loyalty_entries_added": summary.loyalty_entries_added,
+                    "seconds": round(seconds, 3),
+                }
+            )
+        )
+        return
+    table = Table(title=f"{summary.contacts} profiles as of {summary.as_of.isoformat()}")
+    table.add_column("stage")
+    table.add_column("contacts", justify="right")
+    for stage, count in summary.stages.items():
+        table.add_row(str(stage), str(count))
+    console.print(table)
+    tiers = ", ".join(f"{tier} {count}" for tier, count in summary.value_tiers.items())
+    console.print(f"value tiers: {tiers}")
+    console.print(f"loyalty entries added: {summary.loyalty_entries_added}; took {seconds:.1f} s")
+
+
+@contacts_app.command("show")
+def contacts_show(
+    external_id: Annotated[str, typer.Argument(help="The contact's external id.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the profile as one JSON object.")] = False,
+) -> None:
+    """Print one contact's profile as of the last refresh."""
+    settings = load_settings()
+    try:
+        with database_sessions(settings) as factory, factory() as session:
+            record = profiles.profile(session, external_id).as_record()
+    except NurtureError as error:
+        raise fail(error) from error
+    if as_json:
+        typer.echo(json.dumps(record))
+        return
+    table = Table(show_header=False, title=f"contact {external_id}")
+    for name, value in record.items():
+        table.add_row(name, "" if value is None else str(value))
+    console.print(table)
+
+
+@contacts_app.command("export")
+def contacts_export(
+    file: Annotated[Path, typer.Argument(help="The CSV file to write, one row per profile.", dir_okay=False)],
+) -> None:
+    """Write every contact's profile to a CSV file for marketers."""
+    settings = load_settings()
+    with database_sessions(settings) as factory, factory() as session:
+        if profiles.last_refreshed(session) is None:
+            raise fail(ProfileNotRefreshed())
+        missing = profiles.unprofiled_contacts(session)
+        written = 0
+        with file.open("w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=profiles.COLUMNS)
+            writer.writeheader()
+            for profile in profiles.profiles(session):
+                record = profile.as_record()
+                # Written the way imports read consent back: true / false.
+                writer.writerow({k: str(v).lower() if isinstance(v, bool) else v for k, v in record.items()})
+                written += 1
+    console.print(f"wrote {written} profiles to {file}")
+    if missing:
+        err_console.print(
+            f"[yellow]warning:[/] {missing} contacts imported since the last refresh are not in the file; "
+            "run `nurture contacts refresh` first"
+        )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import hashlib
 from importlib.resources import files
 from typing import Any
 
@@ -9,13 +11,14 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.functions import FunctionElement
-from sqlalchemy.types import Float, String
+from sqlalchemy.types import Float, Integer, String
 
+from nurture.models import UTCDateTime
 from nurture.settings import Settings
 
 
@@ -81,8 +84,9 @@ class epoch_seconds(FunctionElement[float]):
 
 @compiles(epoch_seconds, "sqlite")
 def _epoch_sqlite(element: epoch_seconds, compiler: SQLCompiler, **kw: Any) -> str:
-    # julianday keeps fractions of a second; stored instants are naive UTC text.
-    return f"((julianday({compiler.process(element.clauses, **kw)}) - 2440587.5) * 86400.0)"
+    # julianday keeps fractions of a second but carries ~20 µs of float noise; rounding to the millisecond
+    # makes whole-second instants exact, so that "exactly three intervals late" compares equal.
+    return f"round((julianday({compiler.process(element.clauses, **kw)}) - 2440587.5) * 86400.0, 3)"
 
 
 @compiles(epoch_seconds, "postgresql")
@@ -105,3 +109,72 @@ def _month_day_sqlite(element: month_day, compiler: SQLCompiler, **kw: Any) -> s
 @compiles(month_day, "postgresql")
 def _month_day_postgresql(element: month_day, compiler: SQLCompiler, **kw: Any) -> str:
     return f"to_char({compiler.process(element.clauses, **kw)}, 'MM-DD')"
+
+
+class utc_day(FunctionElement[int]):
+    """Whole days since 1970-01-01 of a stored instant's UTC date, on every supported dialect."""
+
+    type = Integer()
+    inherit_cache = True
+
+
+@compiles(utc_day, "sqlite")
+def _utc_day_sqlite(element: utc_day, compiler: SQLCompiler, **kw: Any) -> str:
+    # Stored instants are naive UTC text; julianday(date(x)) is that UTC midnight, a whole day number.
+    return f"CAST(julianday(date({compiler.process(element.clauses, **kw)})) - 2440587.5 AS INTEGER)"
+
+
+@compiles(utc_day, "postgresql")
+def _utc_day_postgresql(element: utc_day, compiler: SQLCompiler, **kw: Any) -> str:
+    instant = compiler.process(element.clauses, **kw)
+    return f"(CAST(({instant}) AT TIME ZONE 'UTC' AS DATE) - DATE '1970-01-01')"
+
+
+class floor_integer(FunctionElement[int]):
+    """The largest integer not above a number (SQLite's CAST truncates, PostgreSQL's rounds)."""
+
+    type = Integer()
+    inherit_cache = True
+
+
+@compiles(floor_integer, "sqlite")
+def _floor_sqlite(element: floor_integer, compiler: SQLCompiler, **kw: Any) -> str:
+    value = compiler.process(element.clauses, **kw)
+    return f"(CAST({value} AS INTEGER) - (({value}) < CAST({value} AS INTEGER)))"
+
+
+@compiles(floor_integer, "postgresql")
+def _floor_postgresql(element: floor_integer, compiler: SQLCompiler, **kw: Any) -> str:
+    return f"CAST(FLOOR({compiler.process(element.clauses, **kw)}) AS INTEGER)"
+
+
+class instant_from_epoch(FunctionElement[dt.datetime]):
+    """The stored instant that is a number of seconds after 1970-01-01 UTC, rounded to the second."""
+
+    type = UTCDateTime()
+    inherit_cache = True
+
+
+@compiles(instant_from_epoch, "sqlite")
+def _instant_sqlite(element: instant_from_epoch, compiler: SQLCompiler, **kw: Any) -> str:
+    # The exact text SQLAlchemy writes for a datetime, so that stored instants keep comparing as text.
+    seconds = compiler.process(element.clauses, **kw)
+    return f"(strftime('%Y-%m-%d %H:%M:%S', CAST(round({seconds}) AS INTEGER), 'unixepoch') || '.000000')"
+
+
+@compiles(instant_from_epoch, "postgresql")
+def _instant_postgresql(element: instant_from_epoch, compiler: SQLCompiler, **kw: Any) -> str:
+    return f"to_timestamp(round(CAST({compiler.process(element.clauses, **kw)} AS DOUBLE PRECISION)))"
+
+
+def exclusive(session: Session, name: str) -> None:
+    """Take the lock called ``name`` until the session's transaction ends, so that two runs never interleave.
+
+    On PostgreSQL this is a transaction-level advisory lock. SQLite has one writer at a time: taking the
+    write lock now, before anything is read, makes a second run wait instead of failing half-way.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        key = int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "big", signed=True)
+        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
+    else:
+        session.execute(text("UPDATE alembic_version SET version_num = version_num WHERE 0 = 1"))

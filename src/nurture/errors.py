@@ -3,6 +3,7 @@
     NurtureError
     ├── ImportFileError        an import file cannot be read at all (unreadable, bad encoding, missing column)
     ├── ContactNotFound        no contact has the external id asked for
+    ├── ProfileNotRefreshed    a contact has no profile yet: `nurture contacts refresh` has not run since
     └── ProgrammeError         the programme or a template under templates/ is invalid (issue: calendar)
 
 Each carries its context as keyword-only attributes and renders as one line a person can act on.
@@ -59,3 +60,12 @@ class ProgrammeError(NurtureError):
         count = len(self.problems)
         head = f"the programme has {count} problem{'s' if count != 1 else ''}"
         super().__init__("\n".join([head, *(f"  {problem}" for problem in self.problems)]))
+
+
+class ProfileNotRefreshed(NurtureError):
+    """Raised when a contact has no profile yet because no refresh has run since it was imported."""
+
+    def __init__(self, *, external_id: str | None = None) -> None:
+        self.external_id = external_id
+        whose = f"contact {external_id!r} has" if external_id is not None else "no contact has"
+        super().__init__(f"{whose} no profile yet: run `nurture contacts refresh` first")

@@ -53,6 +53,9 @@ class Settings(BaseSettings):
         ge=0,
         description="Pseudo-intervals of similar customers' rhythm blended into a contact's own rhythm.",
     )
+    default_interval_days: float = Field(
+        30.0, gt=0, description="Rhythm assumed for everyone while no customer has visited on two days yet."
+    )
     high_value_share: float = Field(
         0.2, gt=0, lt=1, description="Top share of customers by value: tier high."
     )
