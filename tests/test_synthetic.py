@@ -10,9 +10,14 @@ from zoneinfo import ZoneInfo
 
 import phonenumbers
 from email_validator import EmailNotValidError, validate_email
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
 from typer.testing import CliRunner
 
 from nurture.cli import app
+from nurture.imports import import_file
+from nurture.models import Contact, Referral
+from nurture.settings import Settings
 from nurture.synthetic import (
     CONTACT_COLUMNS,
     FEEDBACK_COLUMNS,
@@ -106,3 +111,19 @@ def test_cli_writes_the_files_and_counts_the_rows(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "contacts.csv" in result.output
     assert len(_rows(tmp_path / "biz" / "contacts.csv")) >= 50
+
+
+def test_files_import_with_exactly_the_bad_rows_rejected(
+    sessions: sessionmaker[Session], settings: Settings
+) -> None:
+    files = generate(settings.outbox_dir.parent / "biz", contacts=400, seed=9)
+    for kind in ("contacts", "visits", "feedback"):
+        summary = import_file(sessions, kind, getattr(files, kind), settings)
+        assert summary.rejected == files.bad_rows(kind), kind
+        assert summary.imported == files.rows[kind] - files.bad_rows(kind), kind
+    with sessions() as session:
+        contact = session.execute(select(Contact).where(Contact.external_id == "C0000001")).scalar_one()
+        assert float(contact.attributes["sim_interval_days"]) > 0
+        assert "sim_responsiveness" in contact.attributes
+        referrals = session.execute(select(func.count()).select_from(Referral)).scalar_one()
+        assert referrals == sum(1 for row in _rows(files.contacts) if row["referred_by"])

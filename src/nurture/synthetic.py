@@ -45,6 +45,7 @@ CONTACT_COLUMNS = (
 )
 # Latent traits of each simulated customer, kept by the importer as contact attributes.
 TRAIT_COLUMNS = (
+    "sim_country",
     "sim_service",
     "sim_interval_days",
     "sim_churn_per_day",
@@ -57,7 +58,7 @@ VISIT_COLUMNS = ("external_id", "contact_external_id", "occurred_at", "amount", 
 FEEDBACK_COLUMNS = ("contact_external_id", "occurred_at", "kind", "score", "comment", "resolved_at")
 
 SERVICES = ("haircut", "color", "nails", "skincare", "barber", "brows", "massage", "bridal")
-TAG_SEPARATOR = ";"
+TAG_SEPARATOR = "|"
 
 # Typical ticket in euros, and how many days a customer of that service usually waits between visits.
 SERVICE_PRICE_EUR = {
@@ -90,6 +91,12 @@ FEMALE_SERVICES = {
     "bridal": 3,
 }
 MALE_SERVICES = {"barber": 70, "haircut": 15, "skincare": 6, "massage": 9}
+
+# Spread of one customer's gaps between visits around their own interval (log-normal sigma).
+GAP_SIGMA = 0.35
+# Shares of visits followed by an NPS answer and by a CSAT answer.
+NPS_SHARE = 0.18
+CSAT_SHARE = 0.08
 
 # The share of rows that are deliberately bad, and the kinds per file.
 BAD_ROW_SHARE = 0.025
@@ -332,6 +339,8 @@ PRAISE = {
     "pt": ("Adorei, como sempre!", "Muito profissionais e simpáticas.", "A melhor massagem do ano."),
     "en": ("Loved it, as always!", "So professional and friendly.", "Best massage of the year."),
 }
+COUNTRY_BY_CODE = {country.code: country for country in COUNTRIES}
+
 CONSENT_YES = ("yes", "true", "1", "Yes", "TRUE")
 CONSENT_NO = ("no", "false", "0")
 
@@ -397,7 +406,7 @@ class _Writer:
 
 
 @dataclass
-class _Person:
+class Person:
     """One simulated customer as drawn, before their history is written."""
 
     external_id: str
@@ -420,15 +429,16 @@ class _Person:
     referral_per_day: float
 
 
-def draw_person(rng: random.Random, external_id: str) -> _Person:
-    """Draw one customer's identity and latent traits (also used by the simulation for referred friends)."""
-    country = COUNTRIES[-1]
-    roll = rng.random()
-    for candidate in COUNTRIES:
-        roll -= candidate.weight
-        if roll < 0:
-            country = candidate
-            break
+def draw_person(rng: random.Random, external_id: str, country: Country | None = None) -> Person:
+    """Draw one customer's identity and latent traits, in ``country`` or one drawn by weight."""
+    if country is None:
+        country = COUNTRIES[-1]
+        roll = rng.random()
+        for candidate in COUNTRIES:
+            roll -= candidate.weight
+            if roll < 0:
+                country = candidate
+                break
     zone = _pick(rng, country.timezones)
     locale = _pick(rng, country.locales)
     female = rng.random() < 0.78
@@ -453,7 +463,7 @@ def draw_person(rng: random.Random, external_id: str) -> _Person:
         if extra not in tags and extra != "bridal":
             tags.append(extra)
     interval = SERVICE_INTERVAL_DAYS[service] * math.exp(rng.gauss(0, 0.35))
-    return _Person(
+    return Person(
         external_id=external_id,
         country=country,
         zone=zone,
@@ -477,7 +487,7 @@ def draw_person(rng: random.Random, external_id: str) -> _Person:
 
 
 def contact_row(
-    rng: random.Random, person: _Person, referred_by: str, churned_on: dt.date | None
+    rng: random.Random, person: Person, referred_by: str, churned_on: dt.date | None
 ) -> list[str]:
     """The contacts.csv row of a drawn customer, with the quirks of a real export."""
     email = person.email if rng.random() < 0.93 else ""
@@ -510,6 +520,7 @@ def contact_row(
         referred_by,
         email_consent,
         sms_consent,
+        person.country.code,
         person.service,
         f"{person.interval_days}",
         f"{person.churn_per_day}",
@@ -520,11 +531,16 @@ def contact_row(
     ]
 
 
-def visit_amount(rng: random.Random, person: _Person) -> str:
+def visit_amount(rng: random.Random, person: Person) -> str:
     """The amount of one visit: a service from the customer's interests at local prices."""
-    service = person.service if rng.random() < 0.7 else rng.choice(person.tags)
-    price = SERVICE_PRICE_EUR[service] * person.country.price_factor * math.exp(rng.gauss(0, 0.2))
-    return _money(price, person.country.whole_prices)
+    return spend(rng, person.country, person.service, person.tags)
+
+
+def spend(rng: random.Random, country: Country, service: str, tags: Sequence[str]) -> str:
+    """The amount of one visit: mostly the customer's main service, sometimes another interest."""
+    chosen = service if rng.random() < 0.7 or not tags else rng.choice(tags)
+    price = SERVICE_PRICE_EUR.get(chosen, 35.0) * country.price_factor * math.exp(rng.gauss(0, 0.2))
+    return _money(price, country.whole_prices)
 
 
 def nps_score(rng: random.Random, nps_mean: float) -> int:
@@ -537,7 +553,7 @@ def complaint_chance(nps_mean: float) -> float:
     return 0.008 + 0.05 * max(0.0, (7.0 - nps_mean) / 7.0)
 
 
-def _bad_contact(rng: random.Random, kind: str, person: _Person, duplicate_of: list[str]) -> list[str]:
+def _bad_contact(rng: random.Random, kind: str, person: Person, duplicate_of: list[str]) -> list[str]:
     row = contact_row(rng, person, "", None)
     if kind == "malformed_email":
         row[3] = rng.choice(
@@ -617,8 +633,9 @@ def generate(
                     if person.service == "bridal" and len(history) >= 3:
                         churn_day = day
                         break
-                    gap = person.interval_days * math.exp(rng.gauss(0, 0.35))
-                    day += dt.timedelta(days=max(1, round(gap)))
+                    gap = person.interval_days * math.exp(rng.gauss(0, GAP_SIGMA))
+                    # At least three days apart, so that answers to two visits never share a timestamp.
+                    day += dt.timedelta(days=max(3, round(gap)))
                 if churn_day < end:
                     churned_on = churn_day
             out.row("contacts", contact_row(rng, person, referred_by, churned_on))
@@ -658,17 +675,17 @@ def generate(
 
 
 def _feedback_after(
-    rng: random.Random, out: _Writer, person: _Person, visit: dt.datetime, until: dt.datetime
+    rng: random.Random, out: _Writer, person: Person, visit: dt.datetime, until: dt.datetime
 ) -> None:
     """Write the answers and complaints that follow one visit before ``until``, if any."""
     language = person.locale if person.locale in COMPLAINTS else "en"
-    if rng.random() < 0.18:
+    if rng.random() < NPS_SHARE:
         score = nps_score(rng, person.nps_mean)
         comment = rng.choice(PRAISE[language]) if score >= 9 and rng.random() < 0.3 else ""
         answered = visit + dt.timedelta(hours=rng.randrange(2, 48))
         if answered < until:
             out.row("feedback", [person.external_id, _iso(answered), "nps", score, comment, ""])
-    if rng.random() < 0.08:
+    if rng.random() < CSAT_SHARE:
         score = min(5, max(1, round(rng.gauss(person.nps_mean / 2, 0.7))))
         if visit + dt.timedelta(hours=3) < until:
             out.row(
