@@ -4,7 +4,8 @@
     ├── ImportFileError        an import file cannot be read at all (unreadable, bad encoding, missing column)
     ├── ContactNotFound        no contact has the external id asked for
     ├── ProfileNotRefreshed    a contact has no profile yet: `nurture contacts refresh` has not run since
-    └── ProgrammeError         the programme or a template under templates/ is invalid (issue: calendar)
+    ├── ProgrammeError         the programme or a template under templates/ is invalid (issue: calendar)
+    └── TemplateError          a message template cannot be rendered, named by file and line
 
 Each carries its context as keyword-only attributes and renders as one line a person can act on.
 """
@@ -69,3 +70,16 @@ class ProfileNotRefreshed(NurtureError):
         self.external_id = external_id
         whose = f"contact {external_id!r} has" if external_id is not None else "no contact has"
         super().__init__(f"{whose} no profile yet: run `nurture contacts refresh` first")
+
+
+class TemplateError(NurtureError):
+    """Raised when a message template fails to compile or render, or no locale has it."""
+
+    def __init__(self, *, template: str, line: int | None, touch: str, locale: str, message: str) -> None:
+        self.template = template
+        self.line = line
+        self.touch = touch
+        self.locale = locale
+        self.message = message
+        where = f"{template}:{line}" if line is not None else template
+        super().__init__(f"{where}: {message}")

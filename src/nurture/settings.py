@@ -68,6 +68,20 @@ class Settings(BaseSettings):
         1000, ge=1, description="Messages claimed, sent and recorded together: one commit each way per batch."
     )
 
+    # The business every message speaks for (the templates' ``business`` variable).
+    business_name: str = Field("Luma Studio", description="The business name messages are signed with.")
+    business_website: str = Field("https://example.com", description="The business's website.")
+    business_booking_url: str = Field(
+        "https://example.com/book", description="Where a customer books a visit (the booking buttons)."
+    )
+    business_address: str = Field(
+        "1 Example Street, Springfield", description="Postal address shown in every email footer."
+    )
+    business_phone: str = Field("+1 555 0100", description="Phone number shown in messages.")
+    public_url: str = Field(
+        "http://127.0.0.1:8000", description="Base URL of nurture's own pages (unsubscribe, preferences)."
+    )
+
     @field_validator("default_timezone")
     @classmethod
     def _known_timezone(cls, value: str) -> str:
