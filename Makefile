@@ -36,6 +36,7 @@ test: lint typecheck pytest
 bench: $(VENV)/.installed-dev
 	$(BIN)/python benchmarks/imports.py
 	$(BIN)/python benchmarks/next_visit.py
+	$(BIN)/python benchmarks/outbox.py
 
 clean:
 	rm -rf $(VENV) nurture.db nurture.db-* outbox demo

@@ -5,7 +5,9 @@
     ├── ContactNotFound        no contact has the external id asked for
     ├── ProfileNotRefreshed    a contact has no profile yet: `nurture contacts refresh` has not run since
     ├── ProgrammeError         the programme or a template under templates/ is invalid (issue: calendar)
-    └── TemplateError          a message template cannot be rendered, named by file and line
+    ├── TemplateError          a message template cannot be rendered, named by file and line
+    ├── ConfigurationError     a setting names something that does not exist (an unknown channel)
+    └── BadToken               an unsubscribe token is forged, garbled or signed with another key
 
 Each carries its context as keyword-only attributes and renders as one line a person can act on.
 """
@@ -83,3 +85,18 @@ class TemplateError(NurtureError):
         self.message = message
         where = f"{template}:{line}" if line is not None else template
         super().__init__(f"{where}: {message}")
+
+
+class ConfigurationError(NurtureError):
+    """Raised when a setting's value cannot be used; names the ``NURTURE_*`` variable to fix."""
+
+    def __init__(self, message: str, *, setting: str) -> None:
+        self.setting = setting
+        super().__init__(f"NURTURE_{setting.upper()}: {message}")
+
+
+class BadToken(NurtureError):
+    """Raised when an unsubscribe token was not signed by this installation or cannot be read."""
+
+    def __init__(self, message: str = "invalid or tampered token") -> None:
+        super().__init__(message)

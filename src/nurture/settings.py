@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from email.utils import parseaddr
 from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -25,6 +26,18 @@ class Settings(BaseSettings):
         SecretStr("insecure-development-key"),
         description="Signs unsubscribe tokens. Set a long random value in production.",
     )
+    public_url: str = Field(
+        "http://127.0.0.1:8000",
+        description="Where `nurture serve` is reachable from outside; unsubscribe links start with it.",
+    )
+
+    # Channels (see README, "Channels").
+    email_channel: str = Field("outbox", description="The registered channel that sends email.")
+    sms_channel: str = Field("outbox", description="The registered channel that sends SMS.")
+    email_from: str = Field(
+        "nurture demo <hello@example.com>", description="Sender of every email: a name and an address."
+    )
+    email_reply_to: str | None = Field(None, description="Where replies to emails go, if not the sender.")
 
     # Imports
     default_country: str | None = Field(
@@ -78,9 +91,18 @@ class Settings(BaseSettings):
         "1 Example Street, Springfield", description="Postal address shown in every email footer."
     )
     business_phone: str = Field("+1 555 0100", description="Phone number shown in messages.")
-    public_url: str = Field(
-        "http://127.0.0.1:8000", description="Base URL of nurture's own pages (unsubscribe, preferences)."
-    )
+
+    @field_validator("public_url")
+    @classmethod
+    def _no_trailing_slash(cls, value: str) -> str:
+        return value.rstrip("/")
+
+    @field_validator("email_from", "email_reply_to")
+    @classmethod
+    def _mailbox(cls, value: str | None) -> str | None:
+        if value is not None and "@" not in parseaddr(value)[1]:
+            raise ValueError(f"{value!r} is not a mailbox like 'Name <name@example.com>'")
+        return value
 
     @field_validator("default_timezone")
     @classmethod
