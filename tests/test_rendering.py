@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 import shutil
 from decimal import Decimal
 from pathlib import Path
@@ -16,7 +17,19 @@ from nurture.rendering import Renderer, inline_styles, sample_context
 
 REPO = Path(__file__).resolve().parent.parent
 TEMPLATES = REPO / "templates"
-TOUCHES = ["welcome", "incentive"]
+TOUCHES = [  # every touch of the default programme
+    "welcome",
+    "education",
+    "incentive",
+    "loyalty_milestone",
+    "promotion",
+    "birthday",
+    "referral_ask",
+    "referral_reward",
+    "complaint_recovery",
+    "winback",
+    "appreciation_day",
+]
 LOCALES = ["en", "es", "pt"]
 
 
@@ -60,11 +73,24 @@ def test_every_touch_renders_in_every_locale_on_both_channels(
     assert sms.encoding in {"GSM-7", "UCS-2"}
     assert sms.segments is not None and 1 <= sms.segments <= 4
     assert "  " not in sms.text and "\n" not in sms.text
+    assert not re.search(r"[.!?:][A-ZÁÉÍÓÚ¡¿]", sms.text), "two sentences glued together"
+    assert not re.search(r"[a-z][.!?:][A-ZÁÉÍÓÚ¡¿]", email.text), "two sentences glued together"
     assert context["links"]["unsubscribe"] in sms.text
 
 
+@pytest.mark.parametrize("locale", LOCALES)
+def test_winback_speaks_differently_at_each_step(renderer: Renderer, locale: str) -> None:
+    texts = set()
+    for step in (1, 2, 3):
+        context = {**sample_context("winback", locale), "step": step}
+        email = renderer.render("winback", Channel.EMAIL, locale, context)
+        sms = renderer.render("winback", Channel.SMS, locale, context)
+        texts.update({email.subject, email.text, sms.text})
+    assert len(texts) == 9
+
+
 @pytest.mark.parametrize("kind", ["percent", "amount", "free_service", "points"])
-@pytest.mark.parametrize("touch", ["incentive"])
+@pytest.mark.parametrize("touch", ["incentive", "birthday", "complaint_recovery", "winback", "promotion"])
 def test_every_kind_of_offer_reads_well(renderer: Renderer, touch: str, kind: str) -> None:
     context = sample_context(touch, "en")
     context["offer"] = {
@@ -86,7 +112,7 @@ def test_every_kind_of_offer_reads_well(renderer: Renderer, touch: str, kind: st
     assert "GIFT-2026" in email.text and "June 30, 2026" in email.text
 
 
-@pytest.mark.parametrize("touch", ["incentive"])
+@pytest.mark.parametrize("touch", ["incentive", "birthday", "complaint_recovery", "winback", "promotion"])
 def test_a_touch_whose_offer_was_removed_still_renders(renderer: Renderer, touch: str) -> None:
     context = {**sample_context(touch, "es"), "offer": None}
     assert renderer.render(touch, Channel.EMAIL, "es", context).text
