@@ -18,7 +18,7 @@ from rich.table import Table
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from nurture import db, profiles, synthetic
+from nurture import db, demo, profiles, synthetic
 from nurture.errors import NurtureError, ProfileNotRefreshed
 from nurture.imports import ImportKind, import_file
 from nurture.settings import Settings, load_settings
@@ -235,3 +235,20 @@ def contacts_export(
             f"[yellow]warning:[/] {missing} contacts imported since the last refresh are not in the file; "
             "run `nurture contacts refresh` first"
         )
+
+
+@app.command("demo")
+def demo_command(
+    directory: Annotated[Path, typer.Option("--dir", help="Folder the demo empties and works in.")] = Path(
+        "demo"
+    ),
+    contacts: Annotated[int, typer.Option(min=10, help="Customers of the synthetic business.")] = 3000,
+    days: Annotated[int, typer.Option(min=0, help="Days to simulate after the history.")] = 21,
+    seed: Annotated[int, typer.Option(help="Same seed, same demo.")] = 7,
+) -> None:
+    """Run the end-to-end demo on a synthetic salon and spa chain: SQLite and a local outbox, no accounts."""
+    options = demo.DemoOptions(directory=directory, contacts=contacts, days=days, seed=seed)
+    try:
+        demo.run(options, console)
+    except NurtureError as exc:
+        raise fail(exc) from None

@@ -7,7 +7,8 @@
     ├── ProgrammeError         the programme or a template under templates/ is invalid (issue: calendar)
     ├── TemplateError          a message template cannot be rendered, named by file and line
     ├── ConfigurationError     a setting names something that does not exist (an unknown channel)
-    └── BadToken               an unsubscribe token is forged, garbled or signed with another key
+    ├── BadToken               an unsubscribe token is forged, garbled or signed with another key
+    └── DemoError              the demo cannot run where it was asked to (a foreign folder, a database in use)
 
 Each carries its context as keyword-only attributes and renders as one line a person can act on.
 """
@@ -100,3 +101,7 @@ class BadToken(NurtureError):
 
     def __init__(self, message: str = "invalid or tampered token") -> None:
         super().__init__(message)
+
+
+class DemoError(NurtureError):
+    """Raised when the demo cannot run where it was asked to (a foreign folder, a database in use)."""

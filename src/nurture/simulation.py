@@ -289,7 +289,6 @@ def _live(
     friends: int,
 ) -> int:
     """Draw one customer's day, write its events; return how many friends they brought (0 or 1)."""
-    zone = ZoneInfo(customer.timezone)
     was_churned = customer.churned
     for occurred_at, comment in customer.open_complaints:
         if rng.random() < resolve_chance(customer):
@@ -306,7 +305,7 @@ def _live(
         summary.churned += 1
         return 0
     if rng.random() < visit_chance(customer, start):
-        _visit(customer, day, zone, rng, files, summary)
+        _visit(customer, day, synthetic.zone(customer.timezone), rng, files, summary)
         if was_churned:
             files.write("state", [customer.external_id, ""])
             summary.came_back += 1
@@ -374,7 +373,7 @@ def _refer(
                 "sim_nps_mean": friend.nps_mean,
             },
         )
-        _visit(newcomer, day, ZoneInfo(friend.zone), rng, files, summary)
+        _visit(newcomer, day, synthetic.zone(friend.zone), rng, files, summary)
 
 
 def _feedback_row(

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+import functools
 import math
 import random
 import unicodedata
@@ -379,8 +380,14 @@ def _money(value: float, whole: bool) -> str:
     return f"{round(value):d}.00" if whole else f"{round(value * 2) / 2:.2f}"
 
 
-def _local_instant(day: dt.date, minutes: int, zone: ZoneInfo) -> dt.datetime:
-    return dt.datetime.combine(day, dt.time(minutes // 60, minutes % 60), tzinfo=zone)
+@functools.cache
+def zone(name: str) -> ZoneInfo:
+    """The timezone named ``name``, loaded once (zoneinfo keeps only a few strongly)."""
+    return ZoneInfo(name)
+
+
+def _local_instant(day: dt.date, minutes: int, tz: ZoneInfo) -> dt.datetime:
+    return dt.datetime.combine(day, dt.time(minutes // 60, minutes % 60), tzinfo=tz)
 
 
 def _iso(instant: dt.datetime, with_offset: bool = True) -> str:
@@ -620,7 +627,7 @@ def generate(
             referred_by = rng.choice(customers) if customers and rng.random() < 0.08 else ""
             prospect = rng.random() < 0.1
             one_and_done = rng.random() < 0.2
-            zone = ZoneInfo(person.zone)
+            local_zone = zone(person.zone)
             history: list[tuple[dt.datetime, str]] = []
             churned_on: dt.date | None = None
             if not prospect:
@@ -629,7 +636,7 @@ def generate(
                 day = joined
                 while day < end and day <= churn_day:
                     minutes = rng.randrange(9 * 60, 20 * 60, 15)
-                    history.append((_local_instant(day, minutes, zone), visit_amount(rng, person)))
+                    history.append((_local_instant(day, minutes, local_zone), visit_amount(rng, person)))
                     if person.service == "bridal" and len(history) >= 3:
                         churn_day = day
                         break
