@@ -10,7 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import Result
+from typer.testing import CliRunner
 
+from nurture.cli import app
 from nurture.errors import TemplateError
 from nurture.models import Channel
 from nurture.rendering import Renderer, inline_styles, sample_context
@@ -287,3 +290,63 @@ def test_an_empty_sms_is_an_error(templates_copy: Path) -> None:
     renderer = Renderer(templates_copy, default_locale="en")
     with pytest.raises(TemplateError, match="renders empty"):
         renderer.render("welcome", Channel.SMS, "en", sample_context("welcome", "en"))
+
+
+def run(*args: str) -> Result:
+    return CliRunner().invoke(app, [*args], catch_exceptions=False)
+
+
+def test_check_passes_on_the_shipped_templates() -> None:
+    result = run("templates", "check", "--templates-dir", str(TEMPLATES))
+    assert result.exit_code == 0, result.output
+    assert "every template renders" in result.output
+    assert "warning" not in result.output
+
+
+def test_check_names_file_and_line_of_each_broken_template(templates_copy: Path) -> None:
+    broken = templates_copy / "messages/birthday/es/email.txt"
+    lines = broken.read_text(encoding="utf-8").splitlines()
+    lines[4] = "{{ profile.favourite_colour }}"
+    broken.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write(templates_copy / "messages/welcome/pt/sms.txt", "Oi\n{% for x in %}\n")
+    (templates_copy / "messages/promotion/pt/subject.txt").unlink()
+
+    result = run("templates", "check", "--templates-dir", str(templates_copy))
+
+    assert result.exit_code == 1
+    output = " ".join(result.output.split())
+    assert f"{broken}:5: " in output and "favourite_colour" in output
+    assert f"{templates_copy}/messages/welcome/pt/sms.txt:2: syntax error" in output
+    assert (
+        f"warning: {templates_copy}/messages/promotion/pt/subject.txt: missing (pt contacts get the en email)"
+        in output
+    )
+    assert "2 templates failed" in output
+
+
+def test_check_catches_contact_data_printed_unescaped(templates_copy: Path) -> None:
+    page = templates_copy / "messages/welcome/en/email.html"
+    page.write_text(
+        page.read_text(encoding="utf-8").replace(
+            "{{ contact.first_name }}", "{{ contact.first_name | safe }}"
+        )
+    )
+    result = run("templates", "check", "--templates-dir", str(templates_copy))
+    assert result.exit_code == 1
+    assert "unescaped" in result.output
+
+
+def test_preview_shows_subject_text_and_sms_segments() -> None:
+    result = run(
+        "templates", "preview", "winback", "--locale", "es", "--step", "3", "--templates-dir", str(TEMPLATES)
+    )
+    assert result.exit_code == 0, result.output
+    assert "Subject: Un último mensaje de Luma Studio" in result.output
+    assert "es la última vez que te escribimos" in result.output
+    assert "segment(s)" in result.output and "UCS-2" in result.output
+
+
+def test_preview_of_an_unknown_touch_is_one_error_line() -> None:
+    result = run("templates", "preview", "no_such_touch", "--templates-dir", str(TEMPLATES))
+    assert result.exit_code == 1
+    assert "error:" in result.output and "no email templates" in result.output

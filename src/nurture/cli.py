@@ -13,14 +13,17 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
+from rich.panel import Panel
 from rich.progress import Progress
 from rich.table import Table
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from nurture import db, demo, profiles, synthetic
+from nurture import db, demo, profiles, rendering, synthetic
 from nurture.errors import NurtureError, ProfileNotRefreshed
 from nurture.imports import ImportKind, import_file
+from nurture.models import Channel
 from nurture.settings import Settings, load_settings
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, help=__doc__)
@@ -252,3 +255,76 @@ def demo_command(
         demo.run(options, console)
     except NurtureError as exc:
         raise fail(exc) from None
+
+
+templates_app = typer.Typer(no_args_is_help=True, help="The message templates marketers edit.")
+app.add_typer(templates_app, name="templates")
+
+TemplatesDir = Annotated[
+    Path | None, typer.Option("--templates-dir", help="Overrides NURTURE_TEMPLATES_DIR.", show_default=False)
+]
+
+
+@templates_app.command("check")
+def templates_check(templates_dir: TemplatesDir = None) -> None:
+    """Render every touch in every locale on both channels with sample data; exit 1 on any failure."""
+    settings = load_settings()
+    folder = templates_dir or settings.templates_dir
+    result = rendering.check_templates(
+        folder, default_locale=settings.default_locale, business=rendering.business_context(settings)
+    )
+    for warning in result.warnings:
+        err_console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
+    table = Table(
+        "touch", "locale", "step", "encoding", "segments", "characters", title="SMS with sample data"
+    )
+    for sample in result.sms:
+        step = "" if sample.step is None else str(sample.step)
+        segments = f"[yellow]{sample.segments}[/]" if sample.segments > 2 else str(sample.segments)
+        table.add_row(sample.touch, sample.locale, step, sample.encoding, segments, str(sample.characters))
+    if result.sms:
+        console.print(table)
+    for problem in result.problems:
+        err_console.print(f"[bold red]error:[/] {problem}", highlight=False, markup=True, soft_wrap=True)
+    summary = f"{result.rendered} messages rendered from {folder}"
+    if result.problems:
+        count = len(result.problems)
+        err_console.print(f"{summary}; {count} template{'s' if count != 1 else ''} failed", highlight=False)
+        raise typer.Exit(code=1)
+    console.print(f"{summary}; every template renders", highlight=False)
+
+
+@templates_app.command("preview")
+def templates_preview(
+    touch: Annotated[str, typer.Argument(help="The touch, e.g. welcome or winback.")],
+    locale: Annotated[
+        str | None, typer.Option(help="Locale, e.g. es or pt_BR; default NURTURE_DEFAULT_LOCALE.")
+    ] = None,
+    channel: Annotated[Channel | None, typer.Option(help="Only this channel; default both.")] = None,
+    step: Annotated[int | None, typer.Option(min=1, max=3, help="Win-back step (1-3).")] = None,
+    html: Annotated[Path | None, typer.Option(help="Also write the HTML part to this file.")] = None,
+    templates_dir: TemplatesDir = None,
+) -> None:
+    """Show a touch rendered with sample data: subject, plain-text part, and SMS with its segments."""
+    settings = load_settings()
+    folder = templates_dir or settings.templates_dir
+    language = locale or settings.default_locale
+    renderer = rendering.Renderer(folder, default_locale=settings.default_locale)
+    context = rendering.sample_context(touch, language)
+    context["business"] = rendering.business_context(settings)
+    if touch == "winback" or step is not None:
+        context["step"] = step or 1
+    try:
+        for wanted in [channel] if channel else list(Channel):
+            message = renderer.render(touch, wanted, language, context)
+            title = f"{touch} · {wanted} · {message.locale} · {message.template}"
+            if wanted is Channel.EMAIL:
+                body = f"[bold]Subject:[/] {escape(message.subject or '')}\n\n{escape(message.text)}"
+                if html is not None and message.html is not None:
+                    html.write_text(message.html, encoding="utf-8")
+                    body += f"\n[dim]HTML part written to {escape(str(html))}[/]"
+            else:
+                body = f"{escape(message.text)}\n\n[dim]{message.encoding}, {message.segments} segment(s)[/]"
+            console.print(Panel(body, title=escape(title), title_align="left", expand=False), highlight=False)
+    except NurtureError as error:
+        raise fail(error) from error

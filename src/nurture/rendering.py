@@ -592,3 +592,102 @@ def sample_context(touch: str, locale: str, *, variant: int = 0) -> dict[str, An
             "preferences": f"http://127.0.0.1:8000/p/eyJjIjo{variant}fQ.aGVsbG8",
         },
     }
+
+
+# Checking every template: what `nurture templates check` runs before marketers' edits go live.
+
+_PROBE = "<i>nurture-probe</i>"
+
+
+@dataclass(frozen=True, slots=True)
+class SmsSample:
+    """How one touch's SMS came out with the sample context: for the check's table."""
+
+    touch: str
+    locale: str
+    step: int | None
+    encoding: str
+    segments: int
+    characters: int
+
+
+@dataclass(frozen=True, slots=True)
+class TemplateCheck:
+    """What checking every touch, locale and channel found."""
+
+    problems: tuple[TemplateError, ...]
+    warnings: tuple[str, ...]
+    rendered: int
+    sms: tuple[SmsSample, ...]
+
+
+def touches_in(templates_dir: Path) -> tuple[str, ...]:
+    """The touches that have templates: the folders under ``messages/`` not starting with ``_``."""
+    root = templates_dir / MESSAGES
+    if not root.is_dir():
+        return ()
+    return tuple(sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("_")))
+
+
+def check_templates(
+    templates_dir: Path, *, default_locale: str, business: Mapping[str, str] | None = None
+) -> TemplateCheck:
+    """Render every touch in every locale on every channel with sample contexts; collect what fails."""
+    renderer = Renderer(templates_dir, default_locale=default_locale)
+    root = renderer.root
+    problems: list[TemplateError] = []
+    warnings: list[str] = []
+    samples: list[SmsSample] = []
+    rendered = 0
+    touches = touches_in(templates_dir)
+    all_locales = sorted({p.name for touch in touches for p in (root / touch).iterdir() if p.is_dir()})
+    for touch in touches:
+        for locale in all_locales:
+            folder = root / touch / locale
+            for channel, names in CHANNEL_FILES.items():
+                missing = [name for name in names if not (folder / name).is_file()]
+                if missing:
+                    fallback = renderer._usable_locale(touch, channel, locale)
+                    then = f"{locale} contacts get the {fallback} {channel}" if fallback else f"no {channel}"
+                    warnings.extend(f"{folder / name}: missing ({then})" for name in missing)
+                    continue
+                for step in (1, 2, 3) if touch == "winback" else (None,):
+                    context = sample_context(touch, locale)
+                    context["step"] = step
+                    if business is not None:
+                        context["business"] = dict(business)
+                    try:
+                        message = renderer.render(touch, channel, locale, context)
+                    except TemplateError as error:
+                        if str(error) not in {str(problem) for problem in problems}:
+                            problems.append(error)
+                        break
+                    rendered += 1
+                    if channel is Channel.SMS:
+                        info = encode_info(message.text)
+                        samples.append(
+                            SmsSample(touch, locale, step, info.encoding, info.segments, info.characters)
+                        )
+                    elif (problem := _unescaped(renderer, touch, locale, context)) is not None:
+                        problems.append(problem)
+    if not touches:
+        warnings.append(f"{root}: no touch folders")
+    return TemplateCheck(tuple(problems), tuple(warnings), rendered, tuple(samples))
+
+
+def _unescaped(renderer: Renderer, touch: str, locale: str, context: dict[str, Any]) -> TemplateError | None:
+    """Render the HTML part for a contact whose name is markup; a problem if it comes out unescaped."""
+    contact = {**context["contact"], "first_name": _PROBE, "last_name": _PROBE}
+    try:
+        message = renderer.render(touch, Channel.EMAIL, locale, {**context, "contact": contact})
+    except TemplateError:
+        return None  # the plain render succeeded; this one only differs in the name
+    if message.html is None or _PROBE not in message.html:
+        return None
+    return TemplateError(
+        template=str(renderer.root / touch / locale / EMAIL_HTML),
+        line=None,
+        touch=touch,
+        locale=locale,
+        message="prints the contact's name unescaped (a |safe filter, or a _partials macro given it)",
+    )
