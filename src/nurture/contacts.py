@@ -21,7 +21,7 @@ from phonenumbers import timezone as phone_timezones
 # No 0/O, 1/I/L: a code read aloud or copied from a receipt is still right.
 REFERRAL_ALPHABET = "23456789ABCDEFGHJKMNPQRSTUVWXYZ"
 REFERRAL_CODE_LENGTH = 8
-TAG_SEPARATORS = re.compile(r"[|,]")
+TAG_SEPARATORS = re.compile(r"[|,;]")
 MAX_TAG_LENGTH = 64
 _ISO_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
 _TRUE = frozenset({"true", "yes", "1"})
@@ -122,7 +122,7 @@ def parse_birthday(raw: str, today: dt.date) -> dt.date:
 
 
 def parse_tags(raw: str) -> frozenset[str]:
-    """Return the interest tags of a field, split on ``|`` or ``,`` and lowercased."""
+    """Return the interest tags of a field, split on ``|``, ``,`` or ``;`` and lowercased."""
     tags = frozenset(tag.strip().lower() for tag in TAG_SEPARATORS.split(raw) if tag.strip())
     for tag in tags:
         if len(tag) > MAX_TAG_LENGTH:

@@ -24,12 +24,14 @@ from typing import Any, TextIO, TypeVar
 from zoneinfo import ZoneInfo
 
 from babel.numbers import list_currencies
-from sqlalchemy import delete, exists, func, insert, literal, select, update
+from sqlalchemy import Connection, Table, bindparam, delete, exists, func, insert, literal, select, update
 from sqlalchemy.orm import Session, aliased, sessionmaker
+from sqlalchemy.sql.compiler import SQLCompiler
 
 from nurture import contacts
 from nurture.errors import ImportFileError
 from nurture.models import (
+    Base,
     Channel,
     Consent,
     ConsentEvent,
@@ -81,6 +83,7 @@ CONSENT_COLUMNS = {"email_consent": Channel.EMAIL, "sms_consent": Channel.SMS}
 SCORE_RANGES = {FeedbackKind.NPS: range(0, 11), FeedbackKind.CSAT: range(1, 6)}
 RESOLVABLE_KINDS = frozenset({FeedbackKind.COMPLAINT, FeedbackKind.CANCEL_REQUEST})
 MAX_AMOUNT = Decimal("9999999999.99")
+CONTACT_CACHE_SIZE = 200_000  # contacts remembered across the batches of a visits or feedback file
 
 
 @dataclass(frozen=True)
@@ -115,8 +118,9 @@ def import_file(
     """Import a CSV file of contacts, visits or feedback; upsert by key and reject bad rows with a reason.
 
     Raises ``ImportFileError`` (and writes nothing) when the file cannot be read, is not UTF-8, has broken
-    CSV quoting or lacks a required column. Each batch commits on its own, so an interrupted import keeps
-    the batches before the interruption; running it again finishes the job.
+    CSV quoting or lacks a required column. Rows are written ``settings.import_batch_size`` at a time and
+    committed ``settings.import_transaction_rows`` at a time, so an interrupted import keeps what it
+    committed; running it again finishes the job.
     """
     kind = ImportKind(kind)
     source = CsvSource.open(path, REQUIRED_COLUMNS[kind])
@@ -132,16 +136,22 @@ def import_file(
         ImportKind.VISITS: _write_visits,
         ImportKind.FEEDBACK: _write_feedback,
     }[kind]
+    batches = _batched(source.records(), settings.import_batch_size)
+    batches_per_transaction = max(1, settings.import_transaction_rows // settings.import_batch_size)
+    done = 0
     try:
-        done = 0
-        for batch in _batched(source.records(), settings.import_batch_size):
-            accepted = [record for record in batch if run.well_formed(record)]
+        while True:
+            written = 0
             with session_factory.begin() as session:
-                write_batch(session, accepted, run)
-            run.rejects.flush()
-            done += len(batch)
-            if progress is not None:
-                progress(done, source.rows)
+                for batch in islice(batches, batches_per_transaction):
+                    write_batch(session, [record for record in batch if run.well_formed(record)], run)
+                    run.rejects.flush()
+                    written += 1
+                    done += len(batch)
+                    if progress is not None:
+                        progress(done, source.rows)
+            if written < batches_per_transaction:
+                break
         if kind is ImportKind.CONTACTS:
             with session_factory.begin() as session:
                 resolve_referrals(session, run.now)
@@ -180,16 +190,137 @@ def resolve_referrals(session: Session, now: dt.datetime) -> int:
     return int(result.rowcount)  # type: ignore[attr-defined]
 
 
+# The database, at driver level -------------------------------------------------------------------------
+
+
+class Driver:
+    """Statements compiled once and run straight through the database driver, for million-row files.
+
+    Rows are tuples of values in the database's own representation (what the column types' bind processors
+    make of them), so a stored row and an incoming one compare with ``==`` and no ORM work is done per row.
+    """
+
+    _FIND_CHUNK = 1000  # parameters per lookup; far below every driver's limit
+
+    def __init__(self, connection: Connection) -> None:
+        self.connection = connection
+        self.dialect = connection.dialect
+        self._statements: dict[tuple[Any, ...], SQLCompiler] = {}
+
+    @classmethod
+    def of(cls, session: Session) -> Driver:
+        """Return the driver of the session's connection, made once per transaction."""
+        connection = session.connection()
+        driver = session.info.get("nurture.driver")
+        if not isinstance(driver, Driver) or driver.connection is not connection:
+            driver = session.info["nurture.driver"] = cls(connection)
+        return driver
+
+    def storer(self, table: Table, columns: Sequence[str]) -> Callable[[Sequence[Any]], tuple[Any, ...]]:
+        """Return a function that turns values of ``columns`` into the values the database stores."""
+        processors = [
+            table.c[name].type.dialect_impl(self.dialect).bind_processor(self.dialect) for name in columns
+        ]
+
+        def store(values: Sequence[Any]) -> tuple[Any, ...]:
+            return tuple(
+                value if process is None or value is None else process(value)
+                for value, process in zip(values, processors, strict=True)
+            )
+
+        return store
+
+    def find(
+        self, table: Table, key: str, columns: Sequence[str], keys: Iterable[Any]
+    ) -> dict[Any, tuple[Any, ...]]:
+        """Return the stored ``columns`` of the rows whose ``key`` column is one of ``keys``."""
+        found: dict[Any, tuple[Any, ...]] = {}
+        for chunk in _batched(keys, self._FIND_CHUNK):
+            statement = self._find_statement(table, key, columns, len(chunk))
+            names = [f"keys_{number}" for number in range(1, len(chunk) + 1)]
+            [parameters] = self._parameters(statement, names, [tuple(chunk)])
+            for stored_key, *stored in self.connection.exec_driver_sql(str(statement), parameters).all():
+                found[stored_key] = tuple(stored)
+        return found
+
+    def insert(self, table: Table, columns: Sequence[str], rows: list[tuple[Any, ...]]) -> None:
+        """Insert rows of stored values of ``columns``."""
+        if not rows:
+            return
+        statement = self._compiled(
+            ("insert", table.name, tuple(columns)),
+            lambda: insert(table).values({name: bindparam(name) for name in columns}),
+        )
+        self.connection.exec_driver_sql(str(statement), self._parameters(statement, columns, rows))
+
+    def update(self, table: Table, columns: Sequence[str], rows: list[tuple[Any, ...]]) -> None:
+        """Update ``columns`` from rows of stored values followed by the row's ``id``."""
+        if not rows:
+            return
+        statement = self._compiled(
+            ("update", table.name, tuple(columns)),
+            lambda: (
+                update(table)
+                .where(table.c.id == bindparam("row_id"))
+                .values({name: bindparam(name) for name in columns})
+            ),
+        )
+        names = [*columns, "row_id"]
+        self.connection.exec_driver_sql(str(statement), self._parameters(statement, names, rows))
+
+    def _find_statement(self, table: Table, key: str, columns: Sequence[str], size: int) -> SQLCompiler:
+        return self._compiled(
+            ("find", table.name, key, tuple(columns), size),
+            lambda: select(table.c[key], *(table.c[name] for name in columns)).where(
+                table.c[key].in_(bindparam("keys", value=[None] * size, expanding=True))
+            ),
+            render_postcompile=True,
+        )
+
+    def _compiled(self, key: tuple[Any, ...], build: Callable[[], Any], **options: bool) -> SQLCompiler:
+        if key not in self._statements:
+            compiled = build().compile(dialect=self.dialect, compile_kwargs=options)
+            assert isinstance(compiled, SQLCompiler)
+            self._statements[key] = compiled
+        return self._statements[key]
+
+    @staticmethod
+    def _parameters(statement: SQLCompiler, names: Sequence[str], rows: Sequence[Sequence[Any]]) -> Any:
+        order = statement.positiontup
+        if order is None:  # named parameters, as psycopg takes them
+            return [dict(zip(names, row, strict=True)) for row in rows]
+        if list(order) == list(names):
+            return rows
+        where = [list(names).index(name) for name in order]
+        return [tuple(row[index] for index in where) for row in rows]
+
+
+def _table(model: type[Base]) -> Table:
+    return Base.metadata.tables[model.__tablename__]
+
+
 # The file -------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
 class Record:
-    """One CSV record: the physical line it starts on, its fields as written, and its values by column."""
+    """One CSV record: the physical line it starts on and its fields as written."""
 
-    line: int
-    fields: list[str]
-    values: dict[str, str]
+    # A plain class with slots: a million of these are made per million-row file.
+    __slots__ = ("line", "fields", "columns")
+
+    def __init__(self, line: int, fields: list[str], columns: dict[str, int]) -> None:
+        self.line = line
+        self.fields = fields
+        self.columns = columns  # column name -> field index, shared by every record of the file
+
+    def value(self, column: str) -> str:
+        """Return the field of ``column`` without surrounding spaces; empty when the file lacks it."""
+        index = self.columns.get(column)
+        return "" if index is None else self.fields[index].strip()
+
+    def values(self) -> dict[str, str]:
+        """Return every field by column name."""
+        return {column: self.fields[index].strip() for column, index in self.columns.items()}
 
 
 @dataclass(frozen=True)
@@ -244,13 +375,11 @@ class CsvSource:
         with _open_text(self.path) as file:
             reader = csv.reader(file, delimiter=self.delimiter, strict=True)
             next(reader)
+            index = {column: number for number, column in enumerate(self.columns) if column}
             start = reader.line_num + 1
             for fields in reader:
                 if any(fields):
-                    values = {
-                        column: value.strip() for column, value in zip(self.columns, fields, strict=False)
-                    }
-                    yield Record(line=start, fields=fields, values=values)
+                    yield Record(line=start, fields=fields, columns=index)
                 start = reader.line_num + 1
 
 
@@ -364,6 +493,7 @@ class _Run:
     imported: int = 0
     updated: int = 0
     unchanged: int = 0
+    contacts: dict[str, tuple[int, str]] = field(default_factory=dict)
     _zones: dict[str, ZoneInfo] = field(default_factory=dict)
 
     @property
@@ -398,12 +528,8 @@ class _Run:
         return kept
 
 
-def _value(record: Record, column: str) -> str:
-    return record.values.get(column, "")
-
-
 def _required(record: Record, column: str, max_length: int = 255) -> str:
-    value = _value(record, column)
+    value = record.value(column)
     if not value:
         raise ValueError(f"{column}: is empty")
     return _limited(column, value, max_length)
@@ -438,12 +564,17 @@ def parse_instant(raw: str, zone: ZoneInfo) -> dt.datetime:
     return value.astimezone(dt.UTC)
 
 
-def _lookup_contacts(session: Session, records: list[Record]) -> dict[str, tuple[int, str]]:
-    external_ids = {_value(record, "contact_external_id") for record in records} - {""}
-    rows = session.execute(
-        select(Contact.external_id, Contact.id, Contact.timezone).where(Contact.external_id.in_(external_ids))
+def _lookup_contacts(session: Session, records: list[Record], run: _Run) -> dict[str, tuple[int, str]]:
+    """Return the id and timezone of the contacts the records name, from a cache kept across batches."""
+    known = run.contacts
+    wanted = {record.value("contact_external_id") for record in records} - known.keys() - {""}
+    if len(known) + len(wanted) > CONTACT_CACHE_SIZE:
+        known.clear()
+    found = Driver.of(session).find(_table(Contact), "external_id", ("id", "timezone"), wanted)
+    known.update(
+        (external_id, (contact_id, timezone)) for external_id, (contact_id, timezone) in found.items()
     )
-    return {external_id: (contact_id, timezone) for external_id, contact_id, timezone in rows}
+    return known
 
 
 def _contact_of(record: Record, known: dict[str, tuple[int, str]]) -> tuple[int, str]:
@@ -467,8 +598,9 @@ class _ContactRow:
 
 
 def _parse_contact(record: Record, settings: Settings, today: dt.date) -> _ContactRow:
-    present = record.values.keys()
-    value = record.values.get
+    present = record.columns.keys()
+    values = record.values()
+    value = values.get
     fields: dict[str, Any] = {}
     for column in ("first_name", "last_name", "referred_by"):
         if column in present:
@@ -510,8 +642,7 @@ def _parse_contact(record: Record, settings: Settings, today: dt.date) -> _Conta
         given = _parse(column, contacts.parse_consent, value(column, ""))
         if given is not None:
             consents[channel] = given
-    attributes = {column: text for column, text in record.values.items() if column not in CONTACT_COLUMNS}
-    attributes.pop("", None)
+    attributes = {column: text for column, text in values.items() if column not in CONTACT_COLUMNS}
     return _ContactRow(
         external_id=_required(record, "external_id"),
         fields=fields,
@@ -699,21 +830,16 @@ def _unused_referral_codes(session: Session, count: int) -> list[str]:
 # Visits ---------------------------------------------------------------------------------------------------
 
 
-def _parse_visit(record: Record, known: dict[str, tuple[int, str]], run: _Run) -> dict[str, Any]:
+def _parse_visit(record: Record, known: dict[str, tuple[int, str]], run: _Run) -> tuple[Any, ...]:
     external_id = _required(record, "external_id")
     contact_id, timezone = _contact_of(record, known)
+    zone = run.zone(timezone)
     occurred_at = _parse(
-        "occurred_at", lambda raw: parse_instant(raw, run.zone(timezone)), _required(record, "occurred_at")
+        "occurred_at", lambda raw: parse_instant(raw, zone), _required(record, "occurred_at")
     )
-    amount = _parse("amount", parse_amount, _value(record, "amount") or "0")
-    currency = _parse("currency", parse_currency, _value(record, "currency") or run.settings.default_currency)
-    return {
-        "external_id": external_id,
-        "contact_id": contact_id,
-        "occurred_at": occurred_at,
-        "amount": amount,
-        "currency": currency,
-    }
+    amount = _parse("amount", parse_amount, record.value("amount") or "0")
+    currency = _parse("currency", parse_currency, record.value("currency") or run.settings.default_currency)
+    return (external_id, contact_id, occurred_at, amount, currency)
 
 
 def parse_amount(raw: str) -> Decimal:
@@ -747,40 +873,36 @@ def _currencies() -> frozenset[str]:
     return frozenset(list_currencies())
 
 
-_VISIT_FIELDS = ("contact_id", "occurred_at", "amount", "currency")
+_VISIT_COLUMNS = ("external_id", "contact_id", "occurred_at", "amount", "currency")
 
 
 def _write_visits(session: Session, records: list[Record], run: _Run) -> None:
-    known = _lookup_contacts(session, records)
-    parsed: list[tuple[Record, str, dict[str, Any]]] = []
+    known = _lookup_contacts(session, records, run)
+    parsed: list[tuple[Record, str, tuple[Any, ...]]] = []
     for record in records:
         try:
             row = _parse_visit(record, known, run)
         except ValueError as exc:
             run.rejects.add(record, str(exc))
             continue
-        parsed.append((record, row["external_id"], row))
+        parsed.append((record, row[0], row))
     rows = run.first_of_each_key(parsed, "external_id")
-    existing = {
-        found.external_id: found
-        for found in session.execute(
-            select(Visit.id, Visit.external_id, *(getattr(Visit, name) for name in _VISIT_FIELDS)).where(
-                Visit.external_id.in_([row["external_id"] for row in rows])
-            )
-        )
-    }
-    inserts: list[dict[str, Any]] = []
-    updates: list[dict[str, Any]] = []
+    driver = Driver.of(session)
+    table = _table(Visit)
+    store = driver.storer(table, _VISIT_COLUMNS)
+    existing = driver.find(table, "external_id", ("id", *_VISIT_COLUMNS[1:]), [row[0] for row in rows])
+    [created_at] = driver.storer(table, ["created_at"])([run.now])
+    inserts: list[tuple[Any, ...]] = []
+    updates: list[tuple[Any, ...]] = []
     for row in rows:
-        current = existing.get(row["external_id"])
+        stored = store(row)
+        current = existing.get(row[0])
         if current is None:
-            inserts.append({**row, "created_at": run.now})
-        elif any(getattr(current, name) != row[name] for name in _VISIT_FIELDS):
-            updates.append({"id": current.id, **{name: row[name] for name in _VISIT_FIELDS}})
-    if inserts:
-        session.execute(insert(Visit), inserts)
-    if updates:
-        session.execute(update(Visit), updates)
+            inserts.append((*stored, created_at))
+        elif stored[1:] != current[1:]:
+            updates.append((*stored[1:], current[0]))
+    driver.insert(table, (*_VISIT_COLUMNS, "created_at"), inserts)
+    driver.update(table, _VISIT_COLUMNS[1:], updates)
     run.imported += len(inserts)
     run.updated += len(updates)
     run.unchanged += len(rows) - len(inserts) - len(updates)
@@ -801,7 +923,7 @@ def _parse_feedback(record: Record, known: dict[str, tuple[int, str]], run: _Run
     except ValueError:
         choices = ", ".join(member.value for member in FeedbackKind)
         raise ValueError(f"kind: {raw_kind!r} is not one of {choices}") from None
-    raw_score = _value(record, "score")
+    raw_score = record.value("score")
     score: int | None = None
     if kind in SCORE_RANGES:
         allowed = SCORE_RANGES[kind]
@@ -817,9 +939,9 @@ def _parse_feedback(record: Record, known: dict[str, tuple[int, str]], run: _Run
         "kind": kind,
         "occurred_at": occurred_at,
         "score": score,
-        "comment": _value(record, "comment") or None,
+        "comment": record.value("comment") or None,
     }
-    raw_resolved = _value(record, "resolved_at")
+    raw_resolved = record.value("resolved_at")
     if raw_resolved:
         if kind not in RESOLVABLE_KINDS:
             raise ValueError(f"resolved_at: a {kind.value} is not something to resolve")
@@ -831,7 +953,7 @@ def _parse_feedback(record: Record, known: dict[str, tuple[int, str]], run: _Run
 
 
 def _write_feedback(session: Session, records: list[Record], run: _Run) -> None:
-    known = _lookup_contacts(session, records)
+    known = _lookup_contacts(session, records, run)
     parsed: list[tuple[Record, str, dict[str, Any]]] = []
     for record in records:
         try:

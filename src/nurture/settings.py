@@ -51,6 +51,12 @@ class Settings(BaseSettings):
         "EUR", description="ISO 4217 currency of visits imported without one.", min_length=3, max_length=3
     )
     import_batch_size: int = Field(5000, ge=100, description="Rows written to the database at a time.")
+    import_transaction_rows: int = Field(
+        100_000,
+        ge=100,
+        description="Rows committed at a time: few large commits are much faster on SQLite; an interrupted"
+        " import keeps what it committed and running it again finishes the job.",
+    )
 
     # What nurture knows about each customer (see README, "Lifecycle").
     loyal_min_visits: int = Field(4, ge=2, description="Visits from which a customer in rhythm is loyal.")
