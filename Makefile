@@ -37,6 +37,7 @@ bench: $(VENV)/.installed-dev
 	$(BIN)/python benchmarks/imports.py
 	$(BIN)/python benchmarks/next_visit.py
 	$(BIN)/python benchmarks/outbox.py
+	$(BIN)/python benchmarks/rendering.py
 
 clean:
 	rm -rf $(VENV) nurture.db nurture.db-* outbox demo

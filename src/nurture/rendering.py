@@ -45,6 +45,7 @@ from jinja2 import (
     pass_context,
     select_autoescape,
 )
+from jinja2.environment import TemplateModule
 from jinja2.runtime import Context
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -240,9 +241,16 @@ class _Environment(ImmutableSandboxedEnvironment):
 
     def getattr(self, obj: Any, attribute: str) -> Any:
         # The context is plain dicts: look keys up first rather than fail a getattr on dict each time.
-        if type(obj) is dict:
+        kind = type(obj)
+        if kind is dict:
             try:
                 return obj[attribute]
+            except KeyError:
+                pass
+        elif kind is TemplateModule and not attribute.startswith("_"):
+            # An imported partial's words and macros: what the template exported, nothing else.
+            try:
+                return obj.__dict__[attribute]
             except KeyError:
                 pass
         return super().getattr(obj, attribute)
