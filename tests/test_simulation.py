@@ -49,7 +49,7 @@ def test_an_incentive_raises_the_chance_of_visiting_and_education_does_not() -> 
 
 def test_winback_brings_churned_customers_back() -> None:
     churned = {"sim_churned_on": "2026-06-01"}
-    assert visit_chance(_customer(["winback"], **churned), START) > 10 * visit_chance(
+    assert visit_chance(_customer(["winback"], **churned), START) > 3 * visit_chance(
         _customer([], **churned), START
     )
 
@@ -92,7 +92,7 @@ def _visitors(sessions: sessionmaker[Session]) -> list[int]:
 def test_customers_sent_an_incentive_visit_more_than_those_held_out(
     sessions: sessionmaker[Session], settings: Settings, tmp_path: Path
 ) -> None:
-    _business(sessions, settings, tmp_path, contacts=600)
+    _business(sessions, settings, tmp_path, contacts=800)
     sent, held = _send_to_everyone(sessions, "incentive")
     rng = random.Random(5)
     for offset in range(10):
@@ -103,7 +103,7 @@ def test_customers_sent_an_incentive_visit_more_than_those_held_out(
     visitors = _visitors(sessions)
     sent_visits = sum(1 for contact_id in visitors if contact_id in sent)
     held_visits = sum(1 for contact_id in visitors if contact_id in held)
-    assert sent_visits > 1.4 * held_visits > 0
+    assert sent_visits > 1.25 * held_visits > 0  # sending education instead gives 0.8-1.0
 
 
 def test_education_moves_nobody(sessions: sessionmaker[Session], settings: Settings, tmp_path: Path) -> None:

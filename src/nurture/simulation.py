@@ -22,9 +22,10 @@ The model, per contact and day:
 
 ``TRUE_LIFT`` is what a message does for ``days`` days after it was sent: it multiplies the chances
 above. Only sends with status ``sent`` count: a held-out send has no effect, so comparing contacts sent
-a touch with those held out of it recovers these lifts. Each effect is raised to the power of the
-contact's ``sim_responsiveness`` (0 ignores messages, 1 is typical, 2 is doubly moved). Education has
-no effect at all, by design: attribution should find none.
+a touch with those held out of it recovers these lifts. Each effect is scaled by the contact's
+``sim_responsiveness`` (0 ignores messages, 1 is typical, 2 is doubly moved): a multiplier m above 1
+becomes 1 + (m - 1) x responsiveness, one below 1 becomes m ** responsiveness. Education has no effect
+at all, by design: attribution should find none.
 """
 
 from __future__ import annotations
@@ -64,14 +65,14 @@ class Lift:
 TRUE_LIFT: dict[str, Lift] = {
     "welcome": Lift(days=14, visit=1.2),
     "education": Lift(days=14),  # tips and guides: no effect on behaviour at all
-    "incentive": Lift(days=10, visit=2.0, returning=3.0),
+    "incentive": Lift(days=10, visit=2.0, returning=2.0),
     "loyalty_milestone": Lift(days=14, visit=1.5),
-    "promotion": Lift(days=10, visit=1.5, returning=2.0),
+    "promotion": Lift(days=10, visit=1.5, returning=1.5),
     "birthday": Lift(days=14, visit=1.4),
-    "referral_ask": Lift(days=14, referral=5.0),
+    "referral_ask": Lift(days=14, referral=3.0),
     "referral_reward": Lift(days=14, visit=1.2),
     "complaint_recovery": Lift(days=30, churn=0.25, resolve=6.0),
-    "winback": Lift(days=21, visit=2.0, returning=15.0),
+    "winback": Lift(days=21, visit=2.0, returning=4.0),
     "appreciation_day": Lift(days=7, visit=1.3),
 }
 LONGEST_LIFT_DAYS = max(lift.days for lift in TRUE_LIFT.values())
@@ -114,12 +115,19 @@ class Customer:
         return bool(self.traits.get("sim_churned_on"))
 
     def lift(self, effect: str) -> float:
-        """Multiply one effect of every message still acting, each raised to the responsiveness."""
+        """Multiply one effect of every message still acting, each scaled by the responsiveness."""
         responsiveness = self.trait("sim_responsiveness", 1.0)
         total = 1.0
         for lift, _age in self.lifts:
-            total *= float(getattr(lift, effect)) ** responsiveness
+            total *= scaled(float(getattr(lift, effect)), responsiveness)
         return total
+
+
+def scaled(multiplier: float, responsiveness: float) -> float:
+    """A message's multiplier as felt by a contact: its excess (or its cut) times their responsiveness."""
+    if multiplier >= 1:
+        return 1 + (multiplier - 1) * responsiveness
+    return float(multiplier**responsiveness)
 
 
 @dataclass
@@ -415,18 +423,17 @@ def _customers(session: Session, start: dt.datetime, batch_size: int = 5000) -> 
         }
         if not batch:
             return
-        after = max(batch)
-        ids = list(batch)
+        first, after = min(batch), max(batch)
         for contact_id, last_visit, visits in session.execute(
             select(Visit.contact_id, func.max(Visit.occurred_at), func.count())
-            .where(Visit.contact_id.in_(ids), Visit.occurred_at < start)
+            .where(Visit.contact_id.between(first, after), Visit.occurred_at < start)
             .group_by(Visit.contact_id)
         ):
             batch[contact_id].last_visit = last_visit
             batch[contact_id].visits = visits
         for contact_id, occurred_at, comment in session.execute(
             select(Feedback.contact_id, Feedback.occurred_at, Feedback.comment).where(
-                Feedback.contact_id.in_(ids),
+                Feedback.contact_id.between(first, after),
                 Feedback.kind == FeedbackKind.COMPLAINT,
                 Feedback.resolved_at.is_(None),
                 Feedback.occurred_at < start,
@@ -436,7 +443,7 @@ def _customers(session: Session, start: dt.datetime, batch_size: int = 5000) -> 
         window = start + dt.timedelta(days=1) - dt.timedelta(days=LONGEST_LIFT_DAYS)
         for contact_id, touch, sent_at in session.execute(
             select(Send.contact_id, Send.touch, Send.sent_at).where(
-                Send.contact_id.in_(ids),
+                Send.contact_id.between(first, after),
                 Send.status == SendStatus.SENT,
                 Send.sent_at >= window,
                 Send.sent_at < start + dt.timedelta(days=1),

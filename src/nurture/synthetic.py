@@ -487,7 +487,7 @@ def draw_person(rng: random.Random, external_id: str, country: Country | None = 
         interval_days=round(min(max(interval, 7.0), 150.0), 1),
         # Half-life of about a year on average, very different from one customer to the next.
         churn_per_day=round(min(math.exp(rng.gauss(math.log(1 / 500), 0.8)), 0.05), 6),
-        responsiveness=round(math.exp(rng.gauss(-0.125, 0.5)), 3),
+        responsiveness=round(min(math.exp(rng.gauss(-0.125, 0.5)), 3.0), 3),
         nps_mean=round(min(max(rng.gauss(8.3, 1.6), 0.0), 10.0), 1),
         referral_per_day=round(math.exp(rng.gauss(math.log(1 / 900), 0.6)), 6),
     )
