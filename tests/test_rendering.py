@@ -350,3 +350,20 @@ def test_preview_of_an_unknown_touch_is_one_error_line() -> None:
     result = run("templates", "preview", "no_such_touch", "--templates-dir", str(TEMPLATES))
     assert result.exit_code == 1
     assert "error:" in result.output and "no email templates" in result.output
+
+
+@pytest.mark.parametrize("locale", LOCALES)
+def test_a_complaint_from_someone_without_visits_still_reads_well(renderer: Renderer, locale: str) -> None:
+    context = sample_context("complaint_recovery", locale)
+    context["profile"] = {**context["profile"], "last_visit": None, "visits": 0}
+    email = renderer.render("complaint_recovery", Channel.EMAIL, locale, context)
+    phrase = {"en": "your last visit did", "es": "tu última visita no", "pt": "a sua última visita não"}
+    assert phrase[locale] in email.text
+
+
+def test_formatting_a_missing_date_is_an_error_not_today(templates_copy: Path) -> None:
+    write(templates_copy / "messages/probe/en/sms.txt", "Since\n{{ profile.last_visit | date }}\n")
+    renderer = Renderer(templates_copy, default_locale="en")
+    with pytest.raises(TemplateError, match="no date to format") as caught:
+        renderer.render("probe", Channel.SMS, "en", {"profile": {"last_visit": None}})
+    assert caught.value.line == 2

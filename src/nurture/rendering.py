@@ -310,8 +310,11 @@ def _money(value: Decimal | int | float, currency: str | None, locale: Locale) -
 
 
 @pass_context
-def date(context: Context, value: dt.date, format: str = "long") -> str:
+def date(context: Context, value: dt.date | None, format: str = "long") -> str:
     """Format a date the message locale's way: ``short``, ``medium``, ``long``, ``full`` or a pattern."""
+    if value is None:
+        # babel would print today's date: a missing date must be handled by the template, not guessed.
+        raise ValueError("no date to format (the value is None): test it with {% if ... %} first")
     return _date(value, format, _current_locale())
 
 
