@@ -367,3 +367,12 @@ def test_formatting_a_missing_date_is_an_error_not_today(templates_copy: Path) -
     with pytest.raises(TemplateError, match="no date to format") as caught:
         renderer.render("probe", Channel.SMS, "en", {"profile": {"last_visit": None}})
     assert caught.value.line == 2
+
+
+def test_a_new_language_without_its_partial_fails_check_where_it_is_imported(templates_copy: Path) -> None:
+    shutil.copytree(templates_copy / "messages/welcome/en", templates_copy / "messages/welcome/fr")
+    result = run("templates", "check", "--templates-dir", str(templates_copy))
+    assert result.exit_code == 1
+    output = " ".join(result.output.split())
+    assert f"{templates_copy}/messages/_layouts/email.html:4: template not found: _partials/fr.txt" in output
+    assert f"warning: {templates_copy}/messages/birthday/fr: missing (fr contacts get en)" in output

@@ -655,6 +655,10 @@ def check_templates(
     for touch in touches:
         for locale in all_locales:
             folder = root / touch / locale
+            if not folder.is_dir():
+                fallback = renderer.locales(locale)[1:]
+                warnings.append(f"{folder}: missing ({locale} contacts get {' or '.join(fallback)})")
+                continue
             for channel, names in CHANNEL_FILES.items():
                 missing = [name for name in names if not (folder / name).is_file()]
                 if missing:
