@@ -169,7 +169,7 @@ def test_a_short_history_is_shrunk_toward_the_population_rhythm(shop: Shop) -> N
     shop.customer("ana", [0, 10])
     for n in range(5):
         shop.customer(f"regular{n}", [0, 40, 80])
-    shop.refresh(81)
+    shop.refresh(81, prior_weight=3)
     # Median of everyone's own rhythm [10, 40 x 5] is 40; one own interval against 3 pseudo-intervals.
     ana = shop.profile("ana")
     assert ana.expected_interval_days == pytest.approx((1 * 10 + 3 * 40) / 4)

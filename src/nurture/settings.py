@@ -68,7 +68,7 @@ class Settings(BaseSettings):
     lapsed_after: float = Field(3.0, gt=1, description="Lapsed after this many expected intervals.")
     lost_after: float = Field(6.0, gt=1, description="Lost after this many expected intervals.")
     prior_weight: float = Field(
-        3.0,
+        5.0,
         ge=0,
         description="Pseudo-intervals of similar customers' rhythm blended into a contact's own rhythm.",
     )
