@@ -656,8 +656,8 @@ def check_templates(
         for locale in all_locales:
             folder = root / touch / locale
             if not folder.is_dir():
-                fallback = renderer.locales(locale)[1:]
-                warnings.append(f"{folder}: missing ({locale} contacts get {' or '.join(fallback)})")
+                instead = " or ".join(renderer.locales(locale)[1:])
+                warnings.append(f"{folder}: missing ({locale} contacts get {instead})")
                 continue
             for channel, names in CHANNEL_FILES.items():
                 missing = [name for name in names if not (folder / name).is_file()]
