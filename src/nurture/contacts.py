@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 import secrets
-from functools import cache
+from functools import cache, lru_cache
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import phonenumbers
@@ -76,6 +76,7 @@ def country_of(number: phonenumbers.PhoneNumber) -> str | None:
     return region if region in _countries() else None
 
 
+@lru_cache(maxsize=1024)  # a file names a handful of locales, thousands of times
 def parse_locale(raw: str) -> str:
     """Return a locale babel knows, normalised like ``es`` or ``pt_BR``."""
     try:
@@ -84,6 +85,7 @@ def parse_locale(raw: str) -> str:
         raise ValueError(f"{raw!r} is not a known locale (e.g. es, pt, pt_BR, en)") from None
 
 
+@lru_cache(maxsize=1024)
 def parse_timezone(raw: str) -> str:
     """Return an IANA timezone name that zoneinfo knows."""
     name = raw.strip()
