@@ -438,3 +438,24 @@ def test_the_command_fails_with_one_line_naming_the_file(settings: Settings, tmp
         f"error: {path}:1: lacks the required column contact_external_id"
         " (its columns: external_id, occurred_at)"
     ]
+
+
+def test_progress_is_told_the_rows_done_and_a_clean_run_removes_old_rejects(
+    sessions: Sessions, settings: Settings, tmp_path: Path
+) -> None:
+    rows = "".join(f"c{number},,,,,,,,,,,,\n" for number in range(250))
+    first = import_contacts(sessions, settings, tmp_path, rows + "bad,,,nope,,,,,,,,,\n")
+    assert first.rejects_file is not None and first.rejects_file.exists()
+    told: list[tuple[int, int]] = []
+
+    summary = import_file(
+        sessions,
+        "contacts",
+        write(tmp_path / "contacts.csv", f"{CONTACTS_HEADER}\n{rows}"),
+        settings.model_copy(update={"import_batch_size": 100}),
+        progress=lambda done, total: told.append((done, total)),
+    )
+
+    assert told == [(100, 250), (200, 250), (250, 250)]
+    assert summary.rejects_file is None
+    assert not first.rejects_file.exists()
