@@ -6,7 +6,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
+from nurture.cli import app
 from nurture.errors import ProgrammeError
 from nurture.programme import Every, load_programme
 
@@ -98,3 +100,16 @@ def test_a_touch_is_added_with_no_python(root: Path) -> None:
     programme = load_programme(root)
     touch = programme.touch("spring_tips")
     assert isinstance(touch.trigger, Every) and touch.audience.tags == ["color"]
+
+
+def test_programme_check_exits_one_naming_the_problem(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NURTURE_TEMPLATES_DIR", str(root))
+    ok = CliRunner().invoke(app, ["programme", "check"])
+    assert ok.exit_code == 0, ok.output
+    assert "11 touches" in ok.output
+    (root / "touches" / "welcome.yaml").write_text(
+        "channels: [email]\ntrigger: {kind: after_first_visit, days: x}\n"
+    )
+    bad = CliRunner().invoke(app, ["programme", "check"])
+    assert bad.exit_code == 1
+    assert "welcome.yaml:2: trigger.days" in bad.output

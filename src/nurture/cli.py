@@ -9,7 +9,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -21,9 +21,10 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from nurture import db, demo, profiles, rendering, synthetic
-from nurture.errors import NurtureError, ProfileNotRefreshed
+from nurture.errors import NurtureError, ProfileNotRefreshed, UnknownTouch
 from nurture.imports import ImportKind, import_file
 from nurture.models import Channel
+from nurture.programme import load_programme
 from nurture.settings import Settings, load_settings
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, help=__doc__)
@@ -328,3 +329,87 @@ def templates_preview(
             console.print(Panel(body, title=escape(title), title_align="left", expand=False), highlight=False)
     except NurtureError as error:
         raise fail(error) from error
+
+
+calendar_app = typer.Typer(no_args_is_help=True, help="The contact calendar.")
+app.add_typer(calendar_app, name="calendar")
+programme_app = typer.Typer(no_args_is_help=True, help="The programme marketers edit under templates/.")
+app.add_typer(programme_app, name="programme")
+
+
+@calendar_app.command("run")
+def calendar_run(
+    at: Annotated[
+        str | None, typer.Option(help="Plan for this ISO 8601 instant (no offset means UTC); default now.")
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Plan and render, claim and send nothing.")
+    ] = False,
+    touch: Annotated[list[str] | None, typer.Option(help="Only this touch; repeat for several.")] = None,
+    batch_size: Annotated[int, typer.Option(min=100, help="Contacts per task.")] = 50_000,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Run the contact calendar flow once and print what it did."""
+    instant = _instant(at)
+    if touch:
+        # Checked before the flow starts, so that a typo costs no Prefect server start-up.
+        try:
+            programme = load_programme(load_settings().templates_dir)
+        except NurtureError as error:
+            raise fail(error) from None
+        unknown = sorted(set(touch) - {t.name for t in programme.touches})
+        if unknown:
+            raise fail(UnknownTouch(unknown, known=[t.name for t in programme.touches]))
+    from flows.contact_calendar import CalendarParameters, contact_calendar
+
+    parameters = CalendarParameters(at=instant, dry_run=dry_run, touches=touch or None, batch_size=batch_size)
+    try:
+        result = contact_calendar(parameters)
+    except NurtureError as error:
+        raise fail(error) from None
+    if as_json:
+        typer.echo(json.dumps(result, default=str))
+        return
+    _print_run(result)
+
+
+def _print_run(result: dict[str, Any]) -> None:
+    from nurture.calendar import COUNTS
+
+    title = f"contact calendar at {result['at']}" + (" (dry run)" if result["dry_run"] else "")
+    shown = [name for name in COUNTS if result[name] or name in ("planned", "sent")]
+    table = Table(title=title)
+    table.add_column("touch")
+    for name in shown:
+        table.add_column(name.replace("_", " "), justify="right")
+    for touch, counts in result["by_touch"].items():
+        table.add_row(touch, *(str(counts[name]) for name in shown))
+    table.add_row("[bold]total[/]", *(f"[bold]{result[name]}[/]" for name in shown))
+    console.print(table)
+    for error in result["errors"]:
+        err_console.print(f"[yellow]warning:[/] {error}", highlight=False)
+
+
+@programme_app.command("check")
+def programme_check() -> None:
+    """Validate the programme and check every touch has its templates; exit 1 naming each problem."""
+    from nurture.rendering import Renderer
+
+    settings = load_settings()
+    try:
+        programme = load_programme(settings.templates_dir)
+    except NurtureError as error:
+        raise fail(error) from None
+    renderer = Renderer(settings.templates_dir, default_locale=programme.rules.default_locale)
+    missing = [
+        f"{touch.name}: no {channel} template for the default locale {programme.rules.default_locale}"
+        for touch in programme.touches
+        for channel in touch.channels
+        if not renderer.has(touch.name, channel, programme.rules.default_locale)
+    ]
+    if missing:
+        raise fail("\n".join(missing))
+    console.print(
+        f"programme ok: {len(programme.touches)} touches, {len(programme.content)} content items "
+        f"in {settings.templates_dir}"
+    )

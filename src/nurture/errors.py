@@ -4,7 +4,8 @@
     ├── ImportFileError        an import file cannot be read at all (unreadable, bad encoding, missing column)
     ├── ContactNotFound        no contact has the external id asked for
     ├── ProfileNotRefreshed    a contact has no profile yet: `nurture contacts refresh` has not run since
-    ├── ProgrammeError         the programme or a template under templates/ is invalid (issue: calendar)
+    ├── ProgrammeError         the programme under templates/ is invalid: every problem by file, line, field
+    ├── UnknownTouch           a run was asked for a touch the programme does not have
     ├── TemplateError          a message template cannot be rendered, named by file and line
     ├── ConfigurationError     a setting names something that does not exist (an unknown channel)
     ├── BadToken               an unsubscribe token is forged, garbled or signed with another key
@@ -105,3 +106,11 @@ class BadToken(NurtureError):
 
 class DemoError(NurtureError):
     """Raised when the demo cannot run where it was asked to (a foreign folder, a database in use)."""
+
+
+class UnknownTouch(NurtureError):
+    """Raised when a run is asked for touches the programme does not have."""
+
+    def __init__(self, names: Sequence[str], *, known: Sequence[str]) -> None:
+        self.names = tuple(names)
+        super().__init__(f"unknown touch {', '.join(names)}; the programme has: {', '.join(sorted(known))}")
