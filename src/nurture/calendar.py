@@ -296,16 +296,7 @@ class Calendar:
         for touch in self.programme.touches:
             if not isinstance(touch.trigger, Lapsed):
                 continue
-            spent = (
-                select(func.count())
-                .where(
-                    Send.contact_id == P.contact_id,
-                    Send.touch == touch.name,
-                    Send.status != SendStatus.FAILED,
-                    Send.claimed_at > P.last_visit,
-                )
-                .scalar_subquery()
-            )
+            spent = _since_last_visit(touch, func.count())
             session.execute(
                 update(P)
                 .where(P.stage == Stage.LAPSED, spent >= len(touch.trigger.steps))
@@ -835,21 +826,8 @@ class Calendar:
     def _due_lapsed(
         self, session: Session, touch: Touch, trigger: Lapsed, base: Select[Any]
     ) -> Iterator[Due]:
-        spent = (
-            select(func.count())
-            .where(
-                Send.contact_id == P.contact_id,
-                Send.touch == touch.name,
-                Send.status != SendStatus.FAILED,
-                Send.claimed_at > P.last_visit,
-            )
-            .scalar_subquery()
-        )
-        latest = (
-            select(func.max(Send.claimed_at))
-            .where(Send.contact_id == P.contact_id, Send.touch == touch.name, Send.claimed_at > P.last_visit)
-            .scalar_subquery()
-        )
+        spent = _since_last_visit(touch, func.count())
+        latest = _since_last_visit(touch, func.max(Send.claimed_at))
         query = base.add_columns(
             C.timezone, P.last_visit, P.expected_interval_days, spent.label("spent"), latest.label("latest")
         ).where(P.stage == Stage.LAPSED, P.last_visit.is_not(None), P.expected_interval_days.is_not(None))
@@ -936,6 +914,20 @@ def _audience(audience: Audience) -> ColumnElement[bool]:
     if audience.any_of:
         conditions.append(or_(*(_audience(sub) for sub in audience.any_of)))
     return and_(true(), *conditions)
+
+
+def _since_last_visit(touch: Touch, aggregate: Any) -> Any:
+    """Give, per profile, ``aggregate`` over the touch's ledger rows since the contact's last visit."""
+    return (
+        select(aggregate)
+        .where(
+            Send.contact_id == P.contact_id,
+            Send.touch == touch.name,
+            Send.status != SendStatus.FAILED,
+            Send.claimed_at > P.last_visit,
+        )
+        .scalar_subquery()
+    )
 
 
 def _recipients(session: Session, ids: set[int]) -> dict[int, Recipient]:
