@@ -1,6 +1,10 @@
 """Build the business the calendar benchmark runs over: N contacts in steady state, cached as a SQLite file.
 
-    .venv/bin/python benchmarks/calendar [--contacts 1000000] [--rebuild]
+    .venv/bin/python benchmarks/calendar [--contacts 1000000] [--rebuild] [--run]
+
+With ``--run`` it then times one real calendar run over a fresh copy: ``nurture calendar run --json`` (the
+Prefect flow, its temporary server, the profile refresh, rendering and the outbox), its wall time and peak
+memory.
 
 (A folder, not ``calendar.py``: a ``calendar.py`` in ``benchmarks/`` would shadow the standard library's
 ``calendar`` for every script run from there, and break them.)
@@ -22,9 +26,13 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import os
+import resource
 import shutil
 import sqlite3
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -394,10 +402,53 @@ def describe(path: Path) -> dict[str, int]:
     return counts
 
 
+def run(contacts: int, batch_size: int) -> None:
+    """Time one real calendar run (the CLI, the Prefect flow, the outbox) over a fresh copy."""
+    database = fresh_copy(contacts)
+    outbox = DATA / f"calendar-{contacts}-outbox"
+    shutil.rmtree(outbox, ignore_errors=True)
+    env = {
+        **os.environ,
+        "NURTURE_DATABASE_URL": f"sqlite:///{database}",
+        "NURTURE_OUTBOX_DIR": str(outbox),
+        "NURTURE_TEMPLATES_DIR": str(BENCHMARKS.parent / "templates"),
+        "PREFECT_HOME": str(DATA / "prefect"),
+    }
+    nurture = Path(sys.executable).parent / "nurture"
+    command = [
+        str(nurture),
+        "calendar",
+        "run",
+        "--at",
+        AT.isoformat(),
+        "--batch-size",
+        str(batch_size),
+        "--json",
+    ]
+    started = time.perf_counter()
+    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    if result.returncode != 0:
+        raise SystemExit(f"the calendar run failed:\n{result.stderr[-4000:]}")
+    peak_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    summary = json.loads(result.stdout)
+    files = sum(1 for path in outbox.rglob("*") if path.is_file())
+    handled = summary["sent"] + summary["held_out"]
+    print(f"calendar run over {contacts:,} contacts at {AT.isoformat()} (batch size {batch_size:,}):")
+    for name in ("planned", "sent", "held_out", "deferred_window", "deferred_cap", "suppressed_consent"):
+        print(f"  {name}: {summary[name]:,}")
+    print(f"  outbox files: {files:,}")
+    print(f"  wall time: {wall:.1f} s (flow, Prefect's temporary server and profile refresh included)")
+    print(f"  messages sent or held out per second, whole run: {handled / wall:,.0f}")
+    print(f"  peak memory of the run: {peak_mib:,.0f} MiB")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--contacts", type=int, default=1_000_000)
     parser.add_argument("--rebuild", action="store_true", help="Build again even if the file is cached.")
+    parser.add_argument("--run", action="store_true", help="Then time one calendar run over a fresh copy.")
+    parser.add_argument("--batch-size", type=int, default=50_000, help="Contacts per flow task in the run.")
     arguments = parser.parse_args()
     path, elapsed = cached(arguments.contacts, rebuild=arguments.rebuild)
     built = f"built in {elapsed:.1f} s" if elapsed is not None else "cached"
@@ -406,6 +457,8 @@ def main() -> None:
     for label, count in describe(path).items():
         share = f" ({count / arguments.contacts:.1%} of contacts)" if label.startswith("due") else ""
         print(f"  {label}: {count:,}{share}")
+    if arguments.run:
+        run(arguments.contacts, arguments.batch_size)
 
 
 if __name__ == "__main__":
