@@ -154,3 +154,41 @@ def test_two_runs_for_the_same_instant_send_each_message_once(
     sent = [int(out.split()[0]) for out, _ in outputs]
     assert sum(sent) == new_customers
     assert_each_sent_once(engine, settings, new_customers)
+
+
+def test_a_claim_left_by_a_dead_run_and_never_taken_over_is_marked_unknown_not_resent(
+    engine: Engine, settings: Settings, new_customers: int
+) -> None:
+    from nurture.db import session_factory
+    from nurture.ledger import Entry, claim
+    from nurture.models import SendCategory
+
+    sessions = session_factory(engine)
+    with sessions.begin() as session:
+        contact_id = session.scalar(select(Contact.id).limit(1))
+        assert contact_id is not None
+        claim(
+            session,
+            [
+                Entry(
+                    key=f"welcome:{contact_id}:first",
+                    contact_id=contact_id,
+                    touch="welcome",
+                    occurrence="first",
+                    category=SendCategory.MARKETING,
+                    status=SendStatus.CLAIMED,
+                    due_at=AT,
+                    channel=Channel.EMAIL,
+                )
+            ],
+            at=AT - dt.timedelta(hours=3),
+            run_id="dead",
+        )
+
+    summary = run_calendar(settings, AT, touches=["welcome"])
+
+    assert summary.totals["unknown"] == 1
+    assert summary.totals["sent"] == new_customers - 1
+    with engine.connect() as connection:
+        status = connection.scalar(select(Send.status).where(Send.contact_id == contact_id))
+    assert status is SendStatus.UNKNOWN

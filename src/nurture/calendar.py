@@ -110,6 +110,8 @@ def _same_day_this_year(month: int, day: int, year: int) -> dt.date:
         return dt.date(year, month, day - 1)
 
 
+STALE_CLAIM = "claimed by a run that did not finish, and not taken over since: it may have gone out"
+
 # The summary of a run.
 
 COUNTS = (
@@ -288,6 +290,13 @@ class Calendar:
         profiles.refresh(session, self.settings, self.at)
         self._mark_lost_after_winback(session)
         summary = RunSummary(at=self.at, dry_run=self.dry_run)
+        if not self.dry_run:
+            # A claim a dead run left and no later run took over: it may have gone out; a person decides.
+            stale = self.at - dt.timedelta(minutes=self.settings.stale_claim_minutes)
+            settled = ledger.mark_unknown(
+                session, claimed_before=stale, channels=list(Channel), reason=STALE_CLAIM
+            )
+            summary.totals["unknown"] += settled
         summary.stages = {str(stage): n for stage, n in _stage_counts(session).items()}
         return summary
 

@@ -110,6 +110,12 @@ class Settings(BaseSettings):
             raise ValueError(f"{value!r} is not a mailbox like 'Name <name@example.com>'")
         return value
 
+    stale_claim_minutes: int = Field(
+        60,
+        ge=1,
+        description="A claim left this long by a run that died is marked unknown: never resent by itself.",
+    )
+
     @field_validator("default_timezone")
     @classmethod
     def _known_timezone(cls, value: str) -> str:
