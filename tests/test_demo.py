@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -10,13 +11,21 @@ from typer.testing import CliRunner
 from nurture.cli import app
 from nurture.settings import Settings
 
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def _shipped_templates(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The demo sends the shipped programme; the tests run from a temporary folder."""
+    monkeypatch.setenv("NURTURE_TEMPLATES_DIR", str(REPO / "templates"))
+
 
 def _demo(directory: Path, *extra: str) -> tuple[int, str]:
     result = CliRunner().invoke(app, ["demo", "--dir", str(directory), "--contacts", "150", *extra])
     return result.exit_code, result.output
 
 
-def test_demo_imports_profiles_and_simulates_in_its_own_sqlite_file(tmp_path: Path) -> None:
+def test_demo_imports_profiles_simulates_and_sends_in_its_own_folder(tmp_path: Path) -> None:
     code, output = _demo(tmp_path / "demo", "--days", "3")
     assert code == 0, output
     for shown in ("Imports", "Why rows were rejected", "Lifecycle stage", "Value tier", "Satisfaction"):
@@ -25,6 +34,30 @@ def test_demo_imports_profiles_and_simulates_in_its_own_sqlite_file(tmp_path: Pa
     assert (tmp_path / "demo" / "nurture.db").exists()
     assert (tmp_path / "demo" / "data" / "contacts.rejects.csv").exists()
     assert "Traceback" not in output
+
+    assert "Messages over 3 days, 12 calendar runs" in output
+    total = re.search(r"total\s*│\s*([\d,]+)\s*│\s*([\d,]+)\s*│", output)
+    assert total, output
+    emails, texts = (int(n.replace(",", "")) for n in total.groups())
+    assert emails > 0 and texts > 0
+    assert "Due but not sent when a run found them" in output
+    assert re.search(r"╭─ email: \w+, \w+, sent \w{3} \d\d Nov \d\d:\d\d UTC", output)
+    assert "Subject: " in output
+    assert re.search(r"╭─ sms: \w+, \w+, sent ", output)
+    assert re.search(r"(GSM-7|UCS-2), \d+ segments?", output)
+    outbox = (tmp_path / "demo" / "outbox").absolute()
+    assert len(list(outbox.glob("email/*.eml"))) == emails
+    assert len(list(outbox.glob("sms/*.json"))) == texts
+    assert f"The outbox holds {emails:,} emails" in output
+    assert f"{outbox}/" in output.splitlines()
+
+
+def test_demo_needs_the_programme(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NURTURE_TEMPLATES_DIR")
+    code, output = _demo(tmp_path / "demo")
+    assert code == 1
+    assert "has no programme.yaml" in output and "NURTURE_TEMPLATES_DIR" in output
+    assert not (tmp_path / "demo").exists()
 
 
 def test_demo_starts_from_a_clean_folder_each_time(tmp_path: Path) -> None:

@@ -1,39 +1,56 @@
-"""The end-to-end demo: a synthetic salon and spa chain, imported, profiled and shown in the terminal.
+"""The end-to-end demo: a synthetic salon and spa chain, imported, profiled, messaged and shown.
 
 ``nurture demo`` works in its own folder (``demo/`` by default), emptied at the start of every run: the
 generated CSV files, their rejects, a SQLite database and the outbox. It uses ``NURTURE_DATABASE_URL``
 instead of its SQLite file only when that variable is set in the environment (not merely in ``.env``),
-and then only on a database that holds no contacts yet, so it never mixes into real data.
+and then only on a database that holds no contacts yet, so it never mixes into real data. Messages always
+go to the outbox, whatever channels are configured: the synthetic customers' addresses are made up.
+
+Each simulated day, the contact calendar runs in this process at ``RUN_HOURS`` and then the simulated
+customers live the day, answering the messages they were sent.
 """
 
 from __future__ import annotations
 
 import csv
 import datetime as dt
+import email
+import json
 import os
 import random
 import re
 import shutil
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from email import policy
 from pathlib import Path
 
-from rich.console import Console
+from rich.console import Console, Group
+from rich.panel import Panel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
-from rich.table import Table
+from rich.table import Column, Table
+from rich.text import Text
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from nurture import db, profiles, simulation, synthetic
+from nurture.calendar import RunSummary, run_calendar
+from nurture.channels.outbox import message_path
 from nurture.errors import DemoError
 from nurture.imports import ImportSummary, import_file
-from nurture.models import Contact, ContactProfile, Satisfaction, Stage, ValueTier
+from nurture.models import Channel, Contact, ContactProfile, Satisfaction, Send, SendStatus, Stage, ValueTier
+from nurture.programme import Programme, load_programme
 from nurture.settings import Settings
 
 MARKER = ".nurture-demo"
 HISTORY_START = dt.date(2025, 6, 1)
 HISTORY_END = dt.date(2026, 11, 1)
+# Hours (UTC) the calendar runs on each simulated day, the last one early the next morning: each run falls
+# in the 09:00-20:00 send window somewhere between Madrid (UTC+1) and Honolulu (UTC-10), and every
+# customer's window holds at least one run. The day's events are imported after its last run, so a run
+# never sees events later than its own instant.
+RUN_HOURS = (9, 15, 21, 27)
 
 
 @dataclass(frozen=True)
@@ -59,7 +76,12 @@ def prepare(directory: Path) -> None:
 def demo_settings(directory: Path) -> Settings:
     """Settings for the demo: its own SQLite file and outbox, unless NURTURE_DATABASE_URL is exported."""
     url = os.environ.get("NURTURE_DATABASE_URL") or f"sqlite:///{directory / 'nurture.db'}"
-    return Settings(database_url=url, outbox_dir=directory / "outbox")
+    return Settings(
+        database_url=url,
+        outbox_dir=directory.absolute() / "outbox",
+        email_channel="outbox",
+        sms_channel="outbox",
+    )
 
 
 def open_empty_database(settings: Settings) -> Engine:
@@ -76,8 +98,14 @@ def open_empty_database(settings: Settings) -> Engine:
 
 def run(options: DemoOptions, console: Console) -> None:
     """Run the demo from an empty folder to the tables it prints."""
-    prepare(options.directory)
     settings = demo_settings(options.directory)
+    if not (settings.templates_dir / "programme.yaml").exists():
+        raise DemoError(
+            f"the demo sends the programme in {settings.templates_dir}/, which has no programme.yaml: "
+            "run it from the nurture repository or set NURTURE_TEMPLATES_DIR"
+        )
+    programme = load_programme(settings.templates_dir)
+    prepare(options.directory)
     engine = open_empty_database(settings)
     sessions = db.session_factory(engine)
     try:
@@ -107,35 +135,56 @@ def run(options: DemoOptions, console: Console) -> None:
             console.rule(
                 f"[bold]4. {options.days} simulated days, {HISTORY_END:%d %b} to {last_day:%d %b %Y}"
             )
-            days = simulate(sessions, settings, options, console)
-            show_days(console, days)
+            played = play(sessions, settings, options, console)
+            show_days(console, played.days)
             at = dt.datetime.combine(HISTORY_END + dt.timedelta(days=options.days), dt.time(), tzinfo=dt.UTC)
             with sessions.begin() as session:
                 profiles.refresh(session, settings, at)
             with sessions() as session:
                 show_stage_change(console, before, stage_counts(session))
+            console.rule("[bold]5. What the contact calendar sent")
+            with sessions() as session:
+                show_sends(console, session, programme, played)
+                show_messages(console, session, settings)
+            show_outbox(console, settings)
     finally:
         engine.dispose()
-    console.print(f"\nEverything the demo wrote is in {options.directory}/")
+    console.print(f"\nEverything the demo wrote is in {options.directory}/", soft_wrap=True)
 
 
-def simulate(
+@dataclass
+class Played:
+    """What happened over the simulated days: the customers' days and the calendar runs, combined."""
+
+    calendar: RunSummary
+    runs: int = 0
+    days: list[simulation.DaySummary] = field(default_factory=list)
+
+
+def play(
     sessions: sessionmaker[Session], settings: Settings, options: DemoOptions, console: Console
-) -> list[simulation.DaySummary]:
-    """Play the days after the history: customers visit, churn, complain and refer friends."""
+) -> Played:
+    """Play the days after the history: the calendar sends; customers visit, churn, complain, refer."""
     rng = random.Random(options.seed + 1)
-    summaries: list[simulation.DaySummary] = []
+    played = Played(calendar=RunSummary(at=dt.datetime.combine(HISTORY_END, dt.time(), tzinfo=dt.UTC)))
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as progress:
-        task = progress.add_task("simulating", total=options.days)
+        task = progress.add_task("simulating", total=options.days * (len(RUN_HOURS) + 1))
         for offset in range(options.days):
             day = HISTORY_END + dt.timedelta(days=offset)
-            progress.update(task, description=f"{day:%a %d %b}")
-            summaries.append(
+            midnight = dt.datetime.combine(day, dt.time(), tzinfo=dt.UTC)
+            for hour in RUN_HOURS:
+                at = midnight + dt.timedelta(hours=hour)
+                progress.update(task, description=f"{day:%a %d %b}: the calendar runs at {at:%H:%M} UTC")
+                played.calendar.combine(run_calendar(settings, at))
+                played.runs += 1
+                progress.advance(task)
+            progress.update(task, description=f"{day:%a %d %b}: the customers' day")
+            played.days.append(
                 simulation.simulate_day(sessions, settings, day, rng, directory=options.directory / "days")
             )
             progress.advance(task)
-    return summaries
+    return played
 
 
 def show_days(console: Console, days: list[simulation.DaySummary]) -> None:
@@ -160,6 +209,137 @@ def show_days(console: Console, days: list[simulation.DaySummary]) -> None:
     console.print(
         f"each day's events were imported from {len(days)} folders of CSV files; rows rejected: {rejected}"
     )
+
+
+OUTCOMES = {"held_out": "held out", "failed": "failed"}
+WAITS = {
+    "deferred_window": "outside send window",
+    "deferred_cap": "over a cap",
+    "suppressed_consent": "no consent",
+    "held_complaint": "complaint open",
+}
+
+
+def show_sends(console: Console, session: Session, programme: Programme, played: Played) -> None:
+    """Print what the calendar runs did per touch: sent per channel, held out and failed, then waits."""
+    summary = played.calendar
+    sent: Counter[tuple[str, Channel | None]] = Counter()
+    for touch, channel, count in session.execute(
+        select(Send.touch, Send.channel, func.count())
+        .where(Send.status == SendStatus.SENT)
+        .group_by(Send.touch, Send.channel)
+    ):
+        sent[(touch, channel)] += count
+    touches = [touch.name for touch in programme.touches]
+    touches += sorted({touch for touch, _ in sent} - set(touches))
+    table = Table(
+        "touch",
+        "email",
+        "SMS",
+        *OUTCOMES.values(),
+        title=f"Messages over {len(played.days)} days, {played.runs} calendar runs",
+    )
+    for touch in touches:
+        counts = summary.by_touch.get(touch, Counter())
+        table.add_row(
+            touch,
+            f"{sent[(touch, Channel.EMAIL)]:,}",
+            f"{sent[(touch, Channel.SMS)]:,}",
+            *(f"{counts[name]:,}" for name in OUTCOMES),
+            end_section=touch == touches[-1],
+        )
+    table.add_row(
+        "total",
+        *(f"{sum(n for (_, c), n in sent.items() if c is channel):,}" for channel in Channel),
+        *(f"{summary.totals[name]:,}" for name in OUTCOMES),
+        style="bold",
+    )
+    console.print(table)
+    waits = Table(
+        Column("touch", no_wrap=True),
+        *WAITS.values(),
+        title="Due but not sent when a run found them",
+        caption="Counted again at every run: a message that waits at 09:00 and goes out at 15:00 is "
+        "counted once here and once as sent.",
+    )
+    for touch in touches:
+        counts = summary.by_touch.get(touch, Counter())
+        if any(counts[name] for name in WAITS):
+            waits.add_row(touch, *(f"{counts[name]:,}" for name in WAITS))
+    console.print(waits)
+    if summary.errors:
+        console.print(f"[yellow]{len(summary.errors):,} errors[/], the first ones:")
+        for error in summary.errors[:3]:
+            console.print(Text(f"  {error}"))
+
+
+def show_messages(console: Console, session: Session, settings: Settings) -> None:
+    """Print a few messages as the outbox wrote them: two emails and an SMS, in different languages."""
+    first = func.min(Send.id).label("send_id")
+    first_of_each = session.execute(
+        select(first, Send.channel, Send.touch, Send.locale)
+        .where(Send.status == SendStatus.SENT)
+        .group_by(Send.channel, Send.touch, Send.locale)
+        .order_by(first)
+    ).all()
+    chosen: list[int] = []
+    touches: set[str] = set()
+    languages: set[str] = set()
+    for channel in (Channel.EMAIL, Channel.EMAIL, Channel.SMS):
+        candidates = [row for row in first_of_each if row.channel is channel and row.send_id not in chosen]
+        other_language = [row for row in candidates if _language(row.locale) not in languages]
+        other_touch = [row for row in other_language if row.touch not in touches]
+        if candidates:
+            pick = (other_touch or other_language or candidates)[0]
+            chosen.append(pick.send_id)
+            touches.add(pick.touch)
+            languages.add(_language(pick.locale))
+    for send in session.scalars(select(Send).where(Send.id.in_(chosen)).order_by(Send.channel, Send.id)):
+        console.print(_message_panel(settings, send))
+
+
+def _language(locale: str | None) -> str:
+    return (locale or "").split("_")[0]
+
+
+def _message_panel(settings: Settings, send: Send) -> Panel:
+    """One message read back from its outbox file, in a box titled with what it is."""
+    assert send.channel is not None and send.sent_at is not None
+    path = message_path(settings, send.channel, send.id)
+    title = f"{send.channel}: {send.touch}, {send.locale}, sent {send.sent_at:%a %d %b %H:%M} UTC"
+    if send.channel is Channel.EMAIL:
+        parsed = email.message_from_bytes(path.read_bytes(), policy=policy.default)
+        plain = parsed.get_body(preferencelist=("plain",))
+        text = plain.get_content().strip() if plain is not None else ""
+        body = Group(
+            Text(f"To: {parsed['To']}"),
+            Text(f"Subject: {parsed['Subject']}", style="bold"),
+            Text(),
+            Text(text),
+        )
+    else:
+        sms = json.loads(path.read_text(encoding="utf-8"))
+        segments = f"{sms['segments']} segment{'' if sms['segments'] == 1 else 's'}"
+        body = Group(
+            Text(f"To: {sms['to']}"),
+            Text(),
+            Text(sms["body"]),
+            Text(),
+            Text(f"{sms['encoding']}, {segments}", style="dim"),
+        )
+    return Panel(body, title=title, subtitle=str(path.relative_to(settings.outbox_dir)), title_align="left")
+
+
+def show_outbox(console: Console, settings: Settings) -> None:
+    """Print where the outbox is and how many messages it holds."""
+    folder = Path(settings.outbox_dir)
+    emails = sum(1 for _ in folder.glob("email/*.eml"))
+    texts = sum(1 for _ in folder.glob("sms/*.json"))
+    console.print(
+        f"The outbox holds {emails:,} emails (email/*.eml, open one in any mail client) "
+        f"and {texts:,} SMS (sms/*.json), one file per message sent:"
+    )
+    console.print(f"{folder}/", soft_wrap=True)
 
 
 def stage_counts(session: Session) -> dict[Stage, int]:
