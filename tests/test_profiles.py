@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 from typer.testing import CliRunner
 
@@ -21,6 +21,7 @@ from nurture.models import (
     Consent,
     ConsentStatus,
     Contact,
+    ContactProfile,
     ContactTag,
     Feedback,
     FeedbackKind,
@@ -359,3 +360,56 @@ def test_the_cli_refreshes_shows_and_exports(shop: Shop, tmp_path: Path) -> None
 def test_the_cli_refuses_a_timestamp_it_cannot_read(shop: Shop) -> None:
     result = CliRunner().invoke(app, ["contacts", "refresh", "--at", "yesterday"])
     assert result.exit_code == 1 and "ISO 8601" in result.output
+
+
+def _all_profiles(shop: Shop) -> dict[int, dict[str, Any]]:
+    with shop.sessions() as session:
+        rows = session.scalars(select(ContactProfile)).all()
+        return {
+            row.contact_id: {c.name: getattr(row, c.name) for c in ContactProfile.__table__.columns}
+            for row in rows
+        }
+
+
+def test_a_refresh_sums_up_again_what_changed_and_agrees_with_a_full_one(shop: Shop) -> None:
+    regulars = [shop.customer(f"r{n}", [n, n + 12, n + 25], tags=["nails"]) for n in range(8)]
+    ana = shop.customer("ana", [0, 14])
+    bea = shop.customer("bea", [0, 20, 40], amount="30.00")
+    cid = shop.customer("cid", [1, 21])
+    dan = shop.customer("dan", [5])
+    eva = shop.customer("eva", [2, 9, 30])
+    fay = shop.customer("fay", [3, 33])
+    hal = shop.customer("hal", [0, 15])
+    ivy = shop.customer("ivy", [0, 30])
+    jon = shop.customer("jon", [0, 45])  # the second visit is booked ahead
+    kim = shop.customer("kim", [0, 10, 20, 30])
+    shop.feedback(ivy, FeedbackKind.COMPLAINT, 35, comment="rude")
+    shop.refresh(40)
+    before = _all_profiles(shop)
+
+    shop.visit(ana, [41])  # a new visit
+    shop.visit(regulars[0], [12.5])  # a late import of an old visit
+    with shop.sessions.begin() as session:
+        session.execute(update(Visit).where(Visit.contact_id == bea).values(amount=Decimal("90.00")))
+        moved = session.scalars(select(Visit.id).where(Visit.contact_id == cid).order_by(Visit.id)).first()
+        session.execute(update(Visit).where(Visit.id == moved).values(contact_id=dan))
+        session.execute(delete(Visit).where(Visit.contact_id == eva, Visit.occurred_at > day(20)))
+        session.add(ContactTag(contact_id=fay, tag="bridal"))
+        session.add(
+            Feedback(contact_id=hal, kind=FeedbackKind.NPS, occurred_at=day(16), score=2, created_at=T0)
+        )
+        session.execute(update(Feedback).where(Feedback.contact_id == ivy).values(resolved_at=day(42)))
+        session.add(
+            LoyaltyEntry(
+                key="redeem:kim", contact_id=kim, occurred_at=day(43), points=-50, stamps=-4, reason="x"
+            )
+        )
+    gil = shop.customer("gil", [10, 25, 38])  # a contact imported late with their history
+    shop.refresh(46)
+    after = _all_profiles(shop)
+    with shop.sessions.begin() as session:
+        profiles.refresh(session, shop.settings, day(46), full=True)
+    assert _all_profiles(shop) == after
+    changed = {c for c in after if c in before and after[c] | {"as_of": 0} != before[c] | {"as_of": 0}}
+    assert {ana, bea, cid, dan, eva, fay, hal, ivy, jon, kim, regulars[0]} <= changed
+    assert gil in after

@@ -159,6 +159,12 @@ def contacts_refresh(
         str | None,
         typer.Option(help="Compute profiles as of this ISO 8601 instant (no offset means UTC); default now."),
     ] = None,
+    full: Annotated[
+        bool,
+        typer.Option(
+            "--full", help="Sum up every contact's history again, not only what changed since the last refresh."
+        ),
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object.")] = False,
 ) -> None:
     """Rebuild every contact's profile (stage, value, satisfaction, next visit, loyalty) as of an instant."""
@@ -166,7 +172,7 @@ def contacts_refresh(
     instant = _instant(at)
     started = time.perf_counter()
     with database_sessions(settings) as factory, factory.begin() as session:
-        summary = profiles.refresh(session, settings, instant)
+        summary = profiles.refresh(session, settings, instant, full=full)
     seconds = time.perf_counter() - started
     if as_json:
         typer.echo(

@@ -271,6 +271,40 @@ class ContactProfile(Base):
     stamps: Mapped[int]  # progress on the current punch card
 
 
+class ContactFacts(Base):
+    """A contact's history summed up as of the last refresh: what a profile is computed from.
+
+    Kept between refreshes, so that a refresh only sums up again the contacts whose history changed
+    (``profile_changes``) or whose dated rows came into view since the last refresh.
+    """
+
+    __tablename__ = "contact_facts"
+
+    contact_id: Mapped[int] = mapped_column(ForeignKey("contacts.id", ondelete="CASCADE"), primary_key=True)
+    visits: Mapped[int]
+    visit_days: Mapped[int]  # distinct UTC days with a visit: same-day visits count once for the rhythm
+    first_visit: Mapped[dt.datetime | None]
+    last_visit: Mapped[dt.datetime | None]
+    first_epoch: Mapped[float | None]
+    last_epoch: Mapped[float | None]
+    total_spend: Mapped[Decimal | None] = mapped_column(Numeric(14, 2))
+    currency: Mapped[str | None] = mapped_column(String(3))
+    primary_tag: Mapped[str] = mapped_column(String(64))  # the first interest tag alphabetically, or ""
+    score_kind: Mapped[str | None] = mapped_column(String(32))  # of the latest NPS or CSAT score
+    score: Mapped[int | None]
+    complaint_open: Mapped[bool]
+    points: Mapped[int]
+    stamps: Mapped[int]  # every stamp ever earned less those redeemed
+
+
+class ProfileChange(Base):
+    """A contact whose history changed since the last refresh; written by triggers on the history tables."""
+
+    __tablename__ = "profile_changes"
+
+    contact_id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+
+
 class Send(Base):
     """The ledger: one row per (contact, touch, occurrence), claimed before any channel is called.
 

@@ -18,10 +18,14 @@ from typing import Any
 
 from sqlalchemy import (
     Boolean,
+    Column,
     ColumnElement,
+    Integer,
+    MetaData,
     Numeric,
     Select,
     String,
+    Table,
     and_,
     case,
     cast,
@@ -33,6 +37,9 @@ from sqlalchemy import (
     literal,
     or_,
     select,
+    text,
+    true,
+    union,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, aliased
@@ -44,11 +51,13 @@ from nurture.models import (
     Consent,
     ConsentStatus,
     Contact,
+    ContactFacts,
     ContactProfile,
     ContactTag,
     Feedback,
     FeedbackKind,
     LoyaltyEntry,
+    ProfileChange,
     Satisfaction,
     Stage,
     UTCDateTime,
@@ -131,16 +140,38 @@ class Profile:
         return record
 
 
-def refresh(session: Session, settings: Settings, at: dt.datetime) -> RefreshSummary:
-    """Rebuild every contact's profile as of ``at`` and accrue loyalty entries from visits up to ``at``.
+def refresh(session: Session, settings: Settings, at: dt.datetime, *, full: bool = False) -> RefreshSummary:
+    """Bring every contact's profile to ``at`` and accrue loyalty entries from visits up to ``at``.
 
     Visits, feedback and ledger entries dated after ``at`` are ignored, so an earlier ``at`` replays
-    history. Two refreshes never interleave: the second waits for the first's transaction to end.
+    history. Only the contacts whose history changed since the last refresh, or whose dated rows came into
+    view since then, are summed up again (``contact_facts``); stages, rhythms and value tiers are then
+    recomputed for everyone from those sums, because they move with time and with the population. The
+    result is the same as summing everyone up again, which ``full`` (or an ``at`` before the last refresh's)
+    does. Two refreshes never interleave: the second waits for the first's transaction to end.
     """
     if at.tzinfo is None:
         raise ValueError(f"naive datetime {at!r}: profiles are computed as of a timezone-aware instant")
     db.exclusive(session, "nurture.profiles.refresh")
-    added = accrue_loyalty(session, settings, at)
+    previous = last_refreshed(session)
+    connection = session.connection()
+    _DIRTY.drop(connection, checkfirst=True)
+    _DIRTY.create(connection)
+    _take_changes(session)
+    everyone = full or previous is None or at < previous
+    if not everyone:
+        assert previous is not None
+        _note_dated_rows(session, previous, at)
+    only = None if everyone else _DIRTY
+    added = accrue_loyalty(session, settings, at, only=only)
+    if only is None:
+        session.execute(delete(ContactFacts))
+    else:
+        session.execute(delete(ContactFacts).where(ContactFacts.contact_id.in_(select(only.c.contact_id))))
+    facts = _facts_query(at, only)
+    session.execute(insert(ContactFacts).from_select([c.name for c in facts.selected_columns], facts))
+    _DIRTY.drop(connection)
+
     session.execute(delete(ContactProfile))
     query = _profiles_query(settings, at)
     session.execute(
@@ -157,8 +188,60 @@ def refresh(session: Session, settings: Settings, at: dt.datetime) -> RefreshSum
     )
 
 
-def accrue_loyalty(session: Session, settings: Settings, at: dt.datetime) -> int:
-    """Write the points and stamp earned by each visit up to ``at`` once; return how many entries are new."""
+# The contacts a refresh sums up again; a temporary table, private to the refresh's connection.
+_DIRTY = Table(
+    "refresh_contacts", MetaData(), Column("contact_id", Integer, primary_key=True), prefixes=["TEMPORARY"]
+)
+
+
+def _dialect(session: Session) -> Any:
+    return postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
+
+
+def _take_changes(session: Session) -> None:
+    """Move the contacts the history triggers noted into the refresh's own set, emptying ``profile_changes``.
+
+    A change committed after this point stays noted for the next refresh, so none is lost to a race.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(
+            text(
+                "WITH taken AS (DELETE FROM profile_changes RETURNING contact_id) "
+                f"INSERT INTO {_DIRTY.name} (contact_id) SELECT contact_id FROM taken"
+            )
+        )
+    else:  # SQLite: the refresh holds the only write lock, nothing can slip in between.
+        session.execute(insert(_DIRTY).from_select(["contact_id"], select(ProfileChange.contact_id)))
+        session.execute(delete(ProfileChange))
+
+
+def _note_dated_rows(session: Session, previous: dt.datetime, at: dt.datetime) -> None:
+    """Add the contacts with a visit, score, complaint, resolution or loyalty entry in (previous, at]."""
+
+    def between(column: Any) -> ColumnElement[bool]:
+        return and_(column > previous, column <= at)
+
+    dated = union(
+        select(Visit.contact_id).where(between(Visit.occurred_at)),
+        select(Feedback.contact_id).where(or_(between(Feedback.occurred_at), between(Feedback.resolved_at))),
+        select(LoyaltyEntry.contact_id).where(between(LoyaltyEntry.occurred_at)),
+    ).subquery()
+    session.execute(
+        _dialect(session)
+        .insert(_DIRTY)
+        # (SQLite reads an upsert after INSERT ... SELECT only when the SELECT has a WHERE clause.)
+        .from_select(["contact_id"], select(dated.c.contact_id).where(dated.c.contact_id.is_not(None)))
+        .on_conflict_do_nothing(index_elements=[_DIRTY.c.contact_id])
+    )
+
+
+def accrue_loyalty(
+    session: Session, settings: Settings, at: dt.datetime, *, only: Table | None = None
+) -> int:
+    """Write the points and stamp earned by each visit up to ``at`` once; return how many entries are new.
+
+    With ``only``, a table of contact ids, just the visits of those contacts are looked at.
+    """
     earned = select(
         (literal("visit:") + cast(Visit.id, String)).label("key"),
         Visit.contact_id,
@@ -166,11 +249,11 @@ def accrue_loyalty(session: Session, settings: Settings, at: dt.datetime) -> int
         db.floor_integer(Visit.amount * settings.points_per_unit).label("points"),
         literal(1).label("stamps"),
         literal("visit").label("reason"),
-    ).where(Visit.occurred_at <= at)
+    ).where(Visit.occurred_at <= at, _among(Visit.contact_id, only))
     columns = ["key", "contact_id", "occurred_at", "points", "stamps", "reason"]
-    dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
     statement = (
-        dialect.insert(LoyaltyEntry)
+        _dialect(session)
+        .insert(LoyaltyEntry)
         .from_select(columns, earned)
         .on_conflict_do_nothing(index_elements=[LoyaltyEntry.key])
         # SQLAlchemy keeps an INSERT's row count only when asked.
@@ -178,6 +261,10 @@ def accrue_loyalty(session: Session, settings: Settings, at: dt.datetime) -> int
     )
     result = session.execute(statement)
     return int(getattr(result, "rowcount", 0))
+
+
+def _among(column: Any, only: Table | None) -> ColumnElement[bool]:
+    return true() if only is None else column.in_(select(only.c.contact_id))
 
 
 def _counts(session: Session, column: Any) -> list[tuple[str, int]]:
@@ -208,9 +295,8 @@ def _median(values: Any, group: ColumnElement[Any] | None, name: str) -> Any:
     )
 
 
-def _profiles_query(settings: Settings, at: dt.datetime) -> Select[Any]:
-    """One SELECT that yields a ``contact_profiles`` row per contact as of ``at``."""
-    at_epoch = at.timestamp()
+def _facts_query(at: dt.datetime, only: Table | None) -> Select[Any]:
+    """One SELECT that yields a ``contact_facts`` row as of ``at`` per contact, or per contact in ``only``."""
     day = db.utc_day(Visit.occurred_at)
     stats = (
         select(
@@ -224,30 +310,100 @@ def _profiles_query(settings: Settings, at: dt.datetime) -> Select[Any]:
             func.sum(Visit.amount).label("spend"),
             func.max(Visit.currency).label("currency"),
         )
-        .where(Visit.occurred_at <= at)
+        .where(Visit.occurred_at <= at, _among(Visit.contact_id, only))
         .group_by(Visit.contact_id)
         .cte("visit_stats")
     )
     # "Similar" customers share a primary interest tag: tags are unordered, so the first alphabetically.
     tags = (
         select(ContactTag.contact_id, func.min(ContactTag.tag).label("tag"))
+        .where(_among(ContactTag.contact_id, only))
         .group_by(ContactTag.contact_id)
         .cte("primary_tags")
     )
+    # The latest score, looked up per contact through its feedback index (a window over all feedback,
+    # joined back, would be scanned once per contact by SQLite).
+    latest_id = (
+        select(Feedback.id)
+        .where(
+            Feedback.contact_id == Contact.id,
+            Feedback.kind.in_([FeedbackKind.NPS, FeedbackKind.CSAT]),
+            Feedback.score.is_not(None),
+            Feedback.occurred_at <= at,
+        )
+        .order_by(Feedback.occurred_at.desc(), Feedback.id.desc())
+        .limit(1)
+        .correlate(Contact)
+        .scalar_subquery()
+    )
+    latest = aliased(Feedback, name="latest_score")
+    complaints = (
+        select(Feedback.contact_id)
+        .where(
+            Feedback.kind == FeedbackKind.COMPLAINT,
+            Feedback.occurred_at <= at,
+            or_(Feedback.resolved_at.is_(None), Feedback.resolved_at > at),
+            _among(Feedback.contact_id, only),
+        )
+        .group_by(Feedback.contact_id)
+        .cte("open_complaints")
+    )
+    balances = (
+        select(
+            LoyaltyEntry.contact_id,
+            func.sum(LoyaltyEntry.points).label("points"),
+            func.sum(LoyaltyEntry.stamps).label("stamps"),
+        )
+        .where(LoyaltyEntry.occurred_at <= at, _among(LoyaltyEntry.contact_id, only))
+        .group_by(LoyaltyEntry.contact_id)
+        .cte("balances")
+    )
+    return (
+        select(
+            Contact.id.label("contact_id"),
+            func.coalesce(stats.c.visits, 0).label("visits"),
+            func.coalesce(stats.c.days, 0).label("visit_days"),
+            stats.c.first_visit,
+            stats.c.last_visit,
+            stats.c.first_epoch,
+            stats.c.last_epoch,
+            stats.c.spend.label("total_spend"),
+            stats.c.currency,
+            func.coalesce(tags.c.tag, "").label("primary_tag"),
+            latest.kind.label("score_kind"),
+            latest.score,
+            cast(complaints.c.contact_id.is_not(None), Boolean).label("complaint_open"),
+            func.coalesce(balances.c.points, 0).label("points"),
+            func.coalesce(balances.c.stamps, 0).label("stamps"),
+        )
+        .select_from(Contact)
+        .outerjoin(stats, stats.c.contact_id == Contact.id)
+        .outerjoin(tags, tags.c.contact_id == Contact.id)
+        .outerjoin(latest, latest.id == latest_id)
+        .outerjoin(complaints, complaints.c.contact_id == Contact.id)
+        .outerjoin(balances, balances.c.contact_id == Contact.id)
+        .where(_among(Contact.id, only))
+    )
+
+
+def _profiles_query(settings: Settings, at: dt.datetime) -> Select[Any]:
+    """One SELECT that yields a ``contact_profiles`` row per contact as of ``at``, from ``contact_facts``."""
+    at_epoch = at.timestamp()
+    facts = ContactFacts
     # Visits on the same UTC day count as one for the rhythm: the mean gap between n+1 visit days is
     # the span from the first to the last visit divided by n, so no window over visits is needed.
+    own = case(
+        (facts.visit_days > 1, (facts.last_epoch - facts.first_epoch) / DAY / (facts.visit_days - 1)),
+        else_=None,
+    )
     rhythms = (
         select(
-            stats.c.contact_id,
-            func.coalesce(tags.c.tag, "").label("grp"),
-            (stats.c.days - 1).label("n"),
-            case(
-                (stats.c.days > 1, (stats.c.last_epoch - stats.c.first_epoch) / DAY / (stats.c.days - 1)),
-                else_=None,
-            ).label("own"),
+            facts.contact_id,
+            facts.primary_tag.label("grp"),
+            (facts.visit_days - 1).label("n"),
+            own.label("own"),
         )
-        .select_from(stats)
-        .outerjoin(tags, tags.c.contact_id == stats.c.contact_id)
+        .where(facts.visits > 0)
         .cte("rhythms")
     )
     by_tag = _median(rhythms, rhythms.c.grp, "tag_medians")
@@ -268,89 +424,53 @@ def _profiles_query(settings: Settings, at: dt.datetime) -> Select[Any]:
         .outerjoin(by_tag, and_(by_tag.c.grp == rhythms.c.grp, by_tag.c.cnt >= MIN_SIMILAR))
         .cte("expected_rhythms")
     )
-    elapsed = (at_epoch - stats.c.last_epoch) / DAY
+    elapsed = (at_epoch - facts.last_epoch) / DAY
     # The visit rate ahead slows once a customer is overdue: one visit per expected interval or per the
     # time already waited, whichever is longer; and never more than one visit day a day.
     wait = case((elapsed > rhythm.c.expected, elapsed), else_=rhythm.c.expected)
     rate = YEAR_DAYS / case((wait > 1.0, wait), else_=1.0)
     value = (
         select(
-            stats.c.contact_id,
+            facts.contact_id,
             rhythm.c.expected,
             elapsed.label("elapsed"),
-            func.round(cast(stats.c.spend / stats.c.days * rate, Numeric), 2).label("expected_value"),
+            func.round(cast(facts.total_spend / facts.visit_days * rate, Numeric), 2).label("expected_value"),
+            facts.total_spend,
         )
-        .select_from(stats)
-        .join(rhythm, rhythm.c.contact_id == stats.c.contact_id)
+        .select_from(facts)
+        .join(rhythm, rhythm.c.contact_id == facts.contact_id)
         .cte("values")
     )
     ranked = (
         select(
-            value,
+            value.c.contact_id,
+            value.c.expected,
+            value.c.elapsed,
+            value.c.expected_value,
             func.row_number()
-            .over(order_by=[value.c.expected_value.desc(), stats.c.spend.desc(), value.c.contact_id])
+            .over(order_by=[value.c.expected_value.desc(), value.c.total_spend.desc(), value.c.contact_id])
             .label("position"),
             func.count().over().label("ranked"),
         )
         .select_from(value)
-        .join(stats, stats.c.contact_id == value.c.contact_id)
         .cte("ranked_values")
-    )
-
-    latest = (
-        select(
-            Feedback.contact_id,
-            Feedback.kind,
-            Feedback.score,
-            func.row_number()
-            .over(
-                partition_by=Feedback.contact_id,
-                order_by=[Feedback.occurred_at.desc(), Feedback.id.desc()],
-            )
-            .label("rn"),
-        )
-        .where(
-            Feedback.kind.in_([FeedbackKind.NPS, FeedbackKind.CSAT]),
-            Feedback.score.is_not(None),
-            Feedback.occurred_at <= at,
-        )
-        .cte("latest_scores")
-    )
-    complaints = (
-        select(Feedback.contact_id)
-        .where(
-            Feedback.kind == FeedbackKind.COMPLAINT,
-            Feedback.occurred_at <= at,
-            or_(Feedback.resolved_at.is_(None), Feedback.resolved_at > at),
-        )
-        .group_by(Feedback.contact_id)
-        .cte("open_complaints")
-    )
-    balances = (
-        select(
-            LoyaltyEntry.contact_id,
-            func.sum(LoyaltyEntry.points).label("points"),
-            func.sum(LoyaltyEntry.stamps).label("stamps"),
-        )
-        .where(LoyaltyEntry.occurred_at <= at)
-        .group_by(LoyaltyEntry.contact_id)
-        .cte("balances")
     )
 
     expected_days = ranked.c.expected
     overdue = ranked.c.elapsed
+    no_visits = facts.visits == 0
     stage = case(
-        (stats.c.contact_id.is_(None), Stage.PROSPECT.value),
+        (no_visits, Stage.PROSPECT.value),
         (overdue > settings.lost_after * expected_days, Stage.LOST.value),
         (overdue > settings.lapsed_after * expected_days, Stage.LAPSED.value),
         (overdue > settings.at_risk_after * expected_days, Stage.AT_RISK.value),
-        (stats.c.days == 1, Stage.NEW.value),
-        (stats.c.days < settings.loyal_min_visits, Stage.RETURNING.value),
+        (facts.visit_days == 1, Stage.NEW.value),
+        (facts.visit_days < settings.loyal_min_visits, Stage.RETURNING.value),
         else_=Stage.LOYAL.value,
     )
     place = ranked.c.position - 1
     tier = case(
-        (stats.c.contact_id.is_(None), ValueTier.NONE.value),
+        (no_visits, ValueTier.NONE.value),
         (place < settings.high_value_share * ranked.c.ranked, ValueTier.HIGH.value),
         (
             place < (settings.high_value_share + settings.medium_value_share) * ranked.c.ranked,
@@ -358,8 +478,8 @@ def _profiles_query(settings: Settings, at: dt.datetime) -> Select[Any]:
         ),
         else_=ValueTier.LOW.value,
     )
-    score = latest.c.score
-    is_nps = latest.c.kind == FeedbackKind.NPS.value
+    score = facts.score
+    is_nps = facts.score_kind == FeedbackKind.NPS.value
     satisfaction = case(
         (and_(is_nps, score >= 9), Satisfaction.PROMOTER.value),
         (and_(is_nps, score >= 7), Satisfaction.PASSIVE.value),
@@ -370,34 +490,28 @@ def _profiles_query(settings: Settings, at: dt.datetime) -> Select[Any]:
         else_=Satisfaction.UNKNOWN.value,
     )
     card = settings.punch_card_size
-    stamps = func.coalesce(balances.c.stamps, 0)
-    own = case((stats.c.days > 1, (stats.c.last_epoch - stats.c.first_epoch) / DAY / (stats.c.days - 1)))
     return (
         select(
-            Contact.id.label("contact_id"),
+            facts.contact_id,
             literal(at, UTCDateTime()).label("as_of"),
             stage.label("stage"),
             tier.label("value_tier"),
             satisfaction.label("satisfaction"),
-            cast(complaints.c.contact_id.is_not(None), Boolean).label("complaint_open"),
-            func.coalesce(stats.c.visits, 0).label("visits"),
-            stats.c.first_visit,
-            stats.c.last_visit,
-            func.coalesce(stats.c.spend, 0).label("total_spend"),
-            stats.c.currency,
+            facts.complaint_open,
+            facts.visits,
+            facts.first_visit,
+            facts.last_visit,
+            func.coalesce(facts.total_spend, 0).label("total_spend"),
+            facts.currency,
             own.label("own_interval_days"),
             expected_days.label("expected_interval_days"),
-            db.instant_from_epoch(stats.c.last_epoch + expected_days * DAY).label("expected_next_visit"),
+            db.instant_from_epoch(facts.last_epoch + expected_days * DAY).label("expected_next_visit"),
             func.coalesce(ranked.c.expected_value, 0).label("expected_value"),
-            func.coalesce(balances.c.points, 0).label("points"),
-            (((stamps % card) + card) % card).label("stamps"),
+            facts.points,
+            (((facts.stamps % card) + card) % card).label("stamps"),
         )
-        .select_from(Contact)
-        .outerjoin(stats, stats.c.contact_id == Contact.id)
-        .outerjoin(ranked, ranked.c.contact_id == Contact.id)
-        .outerjoin(latest, and_(latest.c.contact_id == Contact.id, latest.c.rn == 1))
-        .outerjoin(complaints, complaints.c.contact_id == Contact.id)
-        .outerjoin(balances, balances.c.contact_id == Contact.id)
+        .select_from(facts)
+        .outerjoin(ranked, ranked.c.contact_id == facts.contact_id)
     )
 
 
