@@ -15,7 +15,9 @@ an integer hash draws their traits, so the same N always gives the same rows); p
 then computed by the real ``profiles.refresh`` as of the benchmark instant. The ledger holds the sends a
 business running nurture daily would already have made (each contact's last education item and referral
 ask, incentives, welcomes, win-back steps and milestones that fell due before today), so that the run
-plans only what is new today: about 5-10% of the contacts are due a touch at ``AT``.
+plans only what is new today: about 5-10% of the contacts are due a touch at ``AT``. The contacts with a
+visit or feedback in the last day are noted as changed since the previous run, so the run's profile
+refresh sums them up again, as it would after a day's imports.
 
 The file is ``benchmarks/.data/calendar-<N>-v<VERSION>.db``, built once; ``fresh_copy`` gives a copy to
 run against (a run writes to the ledger). This script prints the file's size, its build time and how many
@@ -39,7 +41,7 @@ from pathlib import Path
 from nurture import db, profiles
 from nurture.settings import Settings
 
-VERSION = 1
+VERSION = 2
 # A Wednesday afternoon in Europe, late morning in the Americas: inside most contacts' send window, far
 # from the appreciation day (26 November) and the December promotion.
 AT = dt.datetime(2026, 10, 14, 14, 0, tzinfo=dt.UTC)
@@ -101,14 +103,21 @@ def build(path: Path, contacts: int) -> None:
     engine = db.make_engine(f"sqlite:///{path}")
     settings = Settings(_env_file=None, database_url=f"sqlite:///{path}")  # type: ignore[call-arg]
     with db.session_factory(engine).begin() as session:
-        profiles.refresh(session, settings, AT)
+        profiles.refresh(session, settings, AT, full=True)
     engine.dispose()
-    clock.lap("profiles and loyalty (profiles.refresh)")
+    clock.lap("profiles and loyalty (profiles.refresh --full)")
 
     connection = sqlite3.connect(path, isolation_level=None)
     connection.execute("PRAGMA journal_mode=OFF")
     connection.execute("BEGIN")
     _history(connection, settings)
+    # The last day's visits and feedback arrived since the previous run: the run sums those contacts up again.
+    connection.execute("DELETE FROM profile_changes")
+    since = (AT - dt.timedelta(days=1)).strftime("%Y-%m-%d %H:%M:%S")
+    for table in ("visits", "feedback"):
+        connection.execute(
+            f"INSERT OR IGNORE INTO profile_changes SELECT contact_id FROM {table} WHERE occurred_at > ?", (since,)
+        )
     connection.execute("COMMIT")
     clock.lap("ledger history")
     connection.execute("ANALYZE")

@@ -661,7 +661,7 @@ class Calendar:
                 due = local_date(row.first_visit, row.timezone) + lead
                 yield Due(row.contact_id, touch, "first", due, due + (valid - 1) * DAY)
         elif isinstance(trigger, Every):
-            yield from self._due_every(session, touch, trigger, base)
+            yield from self._due_every(session, touch, trigger, base, low, high)
         elif isinstance(trigger, BeforeExpectedVisit):
             lead = dt.timedelta(days=trigger.days)
             query = base.add_columns(C.timezone, P.expected_next_visit, P.last_visit).where(
@@ -756,10 +756,17 @@ class Calendar:
                 due = _same_day_this_year(trigger.month, trigger.day, today.year)
                 yield Due(row.contact_id, touch, str(due.year), due, due + (valid - 1) * DAY)
 
-    def _due_every(self, session: Session, touch: Touch, trigger: Every, base: Select[Any]) -> Iterator[Due]:
+    def _due_every(
+        self, session: Session, touch: Touch, trigger: Every, base: Select[Any], low: int, high: int
+    ) -> Iterator[Due]:
         last = (
             select(Send.contact_id, func.max(Send.due_at).label("last_due"))
-            .where(Send.touch == touch.name, Send.status != SendStatus.FAILED)
+            .where(
+                Send.contact_id >= low,
+                Send.contact_id < high,
+                Send.touch == touch.name,
+                Send.status != SendStatus.FAILED,
+            )
             .group_by(Send.contact_id)
             .subquery()
         )

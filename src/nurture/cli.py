@@ -162,7 +162,8 @@ def contacts_refresh(
     full: Annotated[
         bool,
         typer.Option(
-            "--full", help="Sum up every contact's history again, not only what changed since the last refresh."
+            "--full",
+            help="Sum up every contact's history again, not only what changed since the last refresh.",
         ),
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object.")] = False,

@@ -31,6 +31,7 @@ from sqlalchemy import (
     cast,
     delete,
     distinct,
+    exists,
     false,
     func,
     insert,
@@ -249,7 +250,16 @@ def accrue_loyalty(
         db.floor_integer(Visit.amount * settings.points_per_unit).label("points"),
         literal(1).label("stamps"),
         literal("visit").label("reason"),
-    ).where(Visit.occurred_at <= at, _among(Visit.contact_id, only))
+    ).where(
+        Visit.occurred_at <= at,
+        _among(Visit.contact_id, only),
+        # Looked up among the contact's own entries (one index range), not in the whole ledger's keys.
+        ~exists().where(
+            LoyaltyEntry.contact_id == Visit.contact_id,
+            LoyaltyEntry.occurred_at == Visit.occurred_at,
+            LoyaltyEntry.key == literal("visit:") + cast(Visit.id, String),
+        ),
+    )
     columns = ["key", "contact_id", "occurred_at", "points", "stamps", "reason"]
     statement = (
         _dialect(session)
@@ -581,4 +591,5 @@ def unprofiled_contacts(session: Session) -> int:
 
 def last_refreshed(session: Session) -> dt.datetime | None:
     """The instant the profiles were last computed as of, if ever."""
-    return session.scalar(select(func.max(ContactProfile.as_of)))
+    # A refresh writes every profile with the same instant: any row tells.
+    return session.scalar(select(ContactProfile.as_of).limit(1))

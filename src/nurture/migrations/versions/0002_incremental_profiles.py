@@ -61,6 +61,16 @@ def upgrade() -> None:
         sa.Column("contact_id", sa.Integer(), autoincrement=False, nullable=False),
         sa.PrimaryKeyConstraint("contact_id", name=op.f("pk_profile_changes")),
     )
+    # What a refresh sums per contact, read from the indexes alone.
+    with op.batch_alter_table("visits") as batch:
+        batch.drop_index("ix_visits_contact_occurred")
+        batch.create_index("ix_visits_contact_occurred", ["contact_id", "occurred_at", "amount", "currency"])
+    with op.batch_alter_table("loyalty_entries") as batch:
+        batch.drop_index("ix_loyalty_entries_contact_occurred")
+        batch.create_index(
+            "ix_loyalty_entries_contact_occurred", ["contact_id", "occurred_at", "points", "stamps"]
+        )
+        batch.create_index("ix_loyalty_entries_occurred_at", ["occurred_at"])
     if op.get_bind().dialect.name == "postgresql":
         _postgresql_triggers()
     else:
@@ -115,3 +125,10 @@ def downgrade() -> None:
                 op.execute(f"DROP FUNCTION IF EXISTS profile_change_{rows}_{column}()")
     op.drop_table("profile_changes")
     op.drop_table("contact_facts")
+    with op.batch_alter_table("loyalty_entries") as batch:
+        batch.drop_index("ix_loyalty_entries_occurred_at")
+        batch.drop_index("ix_loyalty_entries_contact_occurred")
+        batch.create_index("ix_loyalty_entries_contact_occurred", ["contact_id", "occurred_at"])
+    with op.batch_alter_table("visits") as batch:
+        batch.drop_index("ix_visits_contact_occurred")
+        batch.create_index("ix_visits_contact_occurred", ["contact_id", "occurred_at"])
