@@ -115,9 +115,8 @@ def build(path: Path, contacts: int) -> None:
     connection.execute("DELETE FROM profile_changes")
     since = (AT - dt.timedelta(days=1)).strftime("%Y-%m-%d %H:%M:%S")
     for table in ("visits", "feedback"):
-        connection.execute(
-            f"INSERT OR IGNORE INTO profile_changes SELECT contact_id FROM {table} WHERE occurred_at > ?", (since,)
-        )
+        noted = f"INSERT OR IGNORE INTO profile_changes SELECT contact_id FROM {table} WHERE occurred_at > ?"
+        connection.execute(noted, (since,))
     connection.execute("COMMIT")
     clock.lap("ledger history")
     connection.execute("ANALYZE")

@@ -284,6 +284,11 @@ class ContactFacts(Base):
     """
 
     __tablename__ = "contact_facts"
+    __table_args__ = (
+        # Medians of the rhythms, by primary tag and overall, read from these indexes.
+        Index("ix_contact_facts_tag_interval", "primary_tag", "own_interval_days"),
+        Index("ix_contact_facts_interval", "own_interval_days"),
+    )
 
     contact_id: Mapped[int] = mapped_column(ForeignKey("contacts.id", ondelete="CASCADE"), primary_key=True)
     visits: Mapped[int]
@@ -292,6 +297,7 @@ class ContactFacts(Base):
     last_visit: Mapped[dt.datetime | None]
     first_epoch: Mapped[float | None]
     last_epoch: Mapped[float | None]
+    own_interval_days: Mapped[float | None]  # mean gap between visit days; none before a second one
     total_spend: Mapped[Decimal | None] = mapped_column(Numeric(14, 2))
     currency: Mapped[str | None] = mapped_column(String(3))
     primary_tag: Mapped[str] = mapped_column(String(64))  # the first interest tag alphabetically, or ""

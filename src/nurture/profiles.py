@@ -1,15 +1,20 @@
 """Profiles: what nurture knows about each customer as of an instant, rebuilt set-based from the history.
 
-A refresh is a handful of SQL statements over all contacts: loyalty entries are accrued from visits with
-one ``INSERT ... SELECT``, then ``contact_profiles`` is replaced by one ``INSERT ... SELECT`` whose CTEs
-aggregate visits, feedback and the loyalty ledger per contact. Nothing up to ``at`` is skipped and nothing
-after it is seen, so refreshing at an earlier instant replays history. See README, "What nurture knows
-about each customer", for the rules.
+A refresh is a handful of SQL statements over all contacts. Triggers on the history tables note in
+``profile_changes`` every contact whose contacts, tags, visits or feedback rows were written; a refresh
+takes those, adds the contacts with rows dated since the last refresh, accrues loyalty entries from their
+visits and sums their history up again into ``contact_facts`` (one ``INSERT ... SELECT`` restricted to
+them). ``contact_profiles`` is then rebuilt for everyone from the facts with one more ``INSERT ...
+SELECT``: stages and value tiers move with time and with the population. The medians the rhythms are
+shrunk toward are read from the facts' indexes. Nothing up to ``at`` is skipped and nothing after it is
+seen, so refreshing at an earlier instant replays history. See README, "What nurture knows about each
+customer", for the rules.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from decimal import Decimal
@@ -174,7 +179,8 @@ def refresh(session: Session, settings: Settings, at: dt.datetime, *, full: bool
     _DIRTY.drop(connection)
 
     session.execute(delete(ContactProfile))
-    query = _profiles_query(settings, at)
+    priors = _priors(session)
+    query = _profiles_query(settings, at, priors, _tier_bounds(session, settings, at, priors))
     session.execute(
         insert(ContactProfile).from_select([column.name for column in query.selected_columns], query)
     )
@@ -282,27 +288,39 @@ def _counts(session: Session, column: Any) -> list[tuple[str, int]]:
     return [(str(value), int(count)) for value, count in rows]
 
 
-def _median(values: Any, group: ColumnElement[Any] | None, name: str) -> Any:
-    """Per-``group`` medians of ``values.c.own`` (portable: no percentile function in SQLite)."""
-    partition = [group] if group is not None else []
-    ranked = (
-        select(
-            *partition,
-            values.c.own,
-            func.row_number().over(partition_by=partition or None, order_by=values.c.own).label("rn"),
-            func.count().over(partition_by=partition or None).label("cnt"),
-        )
-        .where(values.c.own.is_not(None))
-        .cte(f"{name}_ranked")
-    )
-    middle = ranked.c.rn.in_([(ranked.c.cnt + 1) // 2, (ranked.c.cnt + 2) // 2])
-    keys = [ranked.c.grp] if group is not None else []
-    return (
-        select(*keys, func.avg(ranked.c.own).label("median"), func.max(ranked.c.cnt).label("cnt"))
-        .where(middle)
-        .group_by(*keys)
-        .cte(name)
-    )
+@dataclass(frozen=True)
+class _Priors:
+    """The medians of the contacts' own rhythms: per primary tag (with how many it is of) and overall."""
+
+    by_tag: dict[str, tuple[float, int]]
+    overall: float | None
+
+
+def _priors(session: Session) -> _Priors:
+    """Read the medians from the facts' interval indexes: one count and one seek per tag, no sort."""
+    own = ContactFacts.own_interval_days
+    counts = session.execute(
+        select(ContactFacts.primary_tag, func.count())
+        .where(own.is_not(None))
+        .group_by(ContactFacts.primary_tag)
+    ).all()
+
+    def median(count: int, *where: ColumnElement[bool]) -> float | None:
+        if not count:
+            return None
+        # The middle value, or the mean of the two middle values of an even count.
+        middle = select(own).where(own.is_not(None), *where).order_by(own)
+        values = [
+            v for v in session.scalars(middle.offset((count - 1) // 2).limit(2 - count % 2)) if v is not None
+        ]
+        return sum(values) / len(values)
+
+    by_tag = {}
+    for tag, count in counts:
+        value = median(count, ContactFacts.primary_tag == tag)
+        if value is not None:
+            by_tag[tag] = (value, count)
+    return _Priors(by_tag, median(sum(count for _, count in counts)))
 
 
 def _facts_query(at: dt.datetime, only: Table | None) -> Select[Any]:
@@ -377,6 +395,10 @@ def _facts_query(at: dt.datetime, only: Table | None) -> Select[Any]:
             stats.c.last_visit,
             stats.c.first_epoch,
             stats.c.last_epoch,
+            case(
+                (stats.c.days > 1, (stats.c.last_epoch - stats.c.first_epoch) / DAY / (stats.c.days - 1)),
+                else_=None,
+            ).label("own_interval_days"),
             stats.c.spend.label("total_spend"),
             stats.c.currency,
             func.coalesce(tags.c.tag, "").label("primary_tag"),
@@ -396,100 +418,125 @@ def _facts_query(at: dt.datetime, only: Table | None) -> Select[Any]:
     )
 
 
-def _profiles_query(settings: Settings, at: dt.datetime) -> Select[Any]:
-    """One SELECT that yields a ``contact_profiles`` row per contact as of ``at``, from ``contact_facts``."""
-    at_epoch = at.timestamp()
+@dataclass(frozen=True)
+class _Rank:
+    """Where a customer stands in the value ranking: expected value, then total spend, then contact id."""
+
+    expected_value: Any
+    total_spend: Any
+    contact_id: int
+
+
+def _expectations(settings: Settings, at: dt.datetime, priors: _Priors) -> tuple[Any, Any, Any]:
+    """SQL over ``contact_facts`` for a customer's expected interval, days since the last visit, and value."""
     facts = ContactFacts
-    # Visits on the same UTC day count as one for the rhythm: the mean gap between n+1 visit days is
-    # the span from the first to the last visit divided by n, so no window over visits is needed.
-    own = case(
-        (facts.visit_days > 1, (facts.last_epoch - facts.first_epoch) / DAY / (facts.visit_days - 1)),
-        else_=None,
-    )
-    rhythms = (
-        select(
-            facts.contact_id,
-            facts.primary_tag.label("grp"),
-            (facts.visit_days - 1).label("n"),
-            own.label("own"),
-        )
-        .where(facts.visits > 0)
-        .cte("rhythms")
-    )
-    by_tag = _median(rhythms, rhythms.c.grp, "tag_medians")
-    overall = _median(rhythms, None, "overall_median")
-    prior = func.coalesce(
-        by_tag.c.median,
-        select(overall.c.median).scalar_subquery(),
-        settings.default_interval_days,
-    )
+    # A rhythm seen n+1 visit days is shrunk toward similar customers' (those sharing the primary tag, when
+    # there are enough of them), else toward everyone's, else toward the configured default.
+    fallback = priors.overall if priors.overall is not None else settings.default_interval_days
+    similar = {tag: value for tag, (value, count) in priors.by_tag.items() if count >= MIN_SIMILAR}
+    prior: Any = case(similar, value=facts.primary_tag, else_=fallback) if similar else literal(fallback)
+    n = facts.visit_days - 1
     weight = settings.prior_weight
-    expected = case(
-        (rhythms.c.n == 0, prior),
-        else_=(rhythms.c.n * rhythms.c.own + weight * prior) / (rhythms.c.n + weight),
-    )
-    rhythm = (
-        select(rhythms.c.contact_id, expected.label("expected"))
-        .select_from(rhythms)
-        .outerjoin(by_tag, and_(by_tag.c.grp == rhythms.c.grp, by_tag.c.cnt >= MIN_SIMILAR))
-        .cte("expected_rhythms")
-    )
-    elapsed = (at_epoch - facts.last_epoch) / DAY
+    expected = case((n == 0, prior), else_=(n * facts.own_interval_days + weight * prior) / (n + weight))
+    elapsed = (at.timestamp() - facts.last_epoch) / DAY
     # The visit rate ahead slows once a customer is overdue: one visit per expected interval or per the
     # time already waited, whichever is longer; and never more than one visit day a day.
-    wait = case((elapsed > rhythm.c.expected, elapsed), else_=rhythm.c.expected)
+    wait = case((elapsed > expected, elapsed), else_=expected)
     rate = YEAR_DAYS / case((wait > 1.0, wait), else_=1.0)
-    value = (
-        select(
-            facts.contact_id,
-            rhythm.c.expected,
-            elapsed.label("elapsed"),
-            func.round(cast(facts.total_spend / facts.visit_days * rate, Numeric), 2).label("expected_value"),
-            facts.total_spend,
-        )
-        .select_from(facts)
-        .join(rhythm, rhythm.c.contact_id == facts.contact_id)
-        .cte("values")
-    )
-    ranked = (
-        select(
-            value.c.contact_id,
-            value.c.expected,
-            value.c.elapsed,
-            value.c.expected_value,
-            func.row_number()
-            .over(order_by=[value.c.expected_value.desc(), value.c.total_spend.desc(), value.c.contact_id])
-            .label("position"),
-            func.count().over().label("ranked"),
-        )
-        .select_from(value)
-        .cte("ranked_values")
-    )
+    value = func.round(cast(facts.total_spend / facts.visit_days * rate, Numeric), 2)
+    return expected, elapsed, value
 
-    expected_days = ranked.c.expected
-    overdue = ranked.c.elapsed
+
+def _tier_bounds(
+    session: Session, settings: Settings, at: dt.datetime, priors: _Priors
+) -> tuple[_Rank | None, _Rank | None]:
+    """The last customer of the high tier and of the medium tier, found with one sort of the ranking."""
+    facts = ContactFacts
+    customers = session.scalar(select(func.count()).where(facts.visits > 0)) or 0
+    # Position p (from 0) is in a tier when p < share * customers: the first ceil(share * customers) are.
+    high, medium = (
+        min(customers, math.ceil(share * customers))
+        for share in (settings.high_value_share, settings.high_value_share + settings.medium_value_share)
+    )
+    _, _, value = _expectations(settings, at, priors)
+    ranking = (
+        select(
+            value.label("expected_value"),
+            facts.total_spend,
+            facts.contact_id,
+            func.row_number()
+            .over(order_by=[value.desc(), facts.total_spend.desc(), facts.contact_id])
+            .label("n"),
+        )
+        .where(facts.visits > 0)
+        .subquery()
+    )
+    rows = session.execute(
+        select(ranking.c.n, ranking.c.expected_value, ranking.c.total_spend, ranking.c.contact_id).where(
+            ranking.c.n.in_([high, medium])
+        )
+    ).all()
+    found = {row.n: _Rank(row.expected_value, row.total_spend, row.contact_id) for row in rows}
+    return found.get(high), found.get(medium)
+
+
+def _profiles_query(
+    settings: Settings, at: dt.datetime, priors: _Priors, bounds: tuple[_Rank | None, _Rank | None]
+) -> Select[Any]:
+    """One SELECT that yields a ``contact_profiles`` row per contact as of ``at``, from ``contact_facts``."""
+    facts = ContactFacts
+    expected, elapsed, value = _expectations(settings, at, priors)
+
+    def up_to(bound: _Rank | None) -> ColumnElement[bool]:
+        """Ranked at or before ``bound``: more value, or as much and more spend, or both and a lower id."""
+        if bound is None:
+            return false()
+        return or_(
+            value > bound.expected_value,
+            and_(
+                value == bound.expected_value,
+                or_(
+                    facts.total_spend > bound.total_spend,
+                    and_(facts.total_spend == bound.total_spend, facts.contact_id <= bound.contact_id),
+                ),
+            ),
+        )
+
     no_visits = facts.visits == 0
+    high, medium = bounds
     stage = case(
         (no_visits, Stage.PROSPECT.value),
-        (overdue > settings.lost_after * expected_days, Stage.LOST.value),
-        (overdue > settings.lapsed_after * expected_days, Stage.LAPSED.value),
-        (overdue > settings.at_risk_after * expected_days, Stage.AT_RISK.value),
+        (elapsed > settings.lost_after * expected, Stage.LOST.value),
+        (elapsed > settings.lapsed_after * expected, Stage.LAPSED.value),
+        (elapsed > settings.at_risk_after * expected, Stage.AT_RISK.value),
         (facts.visit_days == 1, Stage.NEW.value),
         (facts.visit_days < settings.loyal_min_visits, Stage.RETURNING.value),
         else_=Stage.LOYAL.value,
     )
-    place = ranked.c.position - 1
     tier = case(
         (no_visits, ValueTier.NONE.value),
-        (place < settings.high_value_share * ranked.c.ranked, ValueTier.HIGH.value),
-        (
-            place < (settings.high_value_share + settings.medium_value_share) * ranked.c.ranked,
-            ValueTier.MEDIUM.value,
-        ),
+        (up_to(high), ValueTier.HIGH.value),
+        (up_to(medium), ValueTier.MEDIUM.value),
         else_=ValueTier.LOW.value,
     )
-    score = facts.score
-    is_nps = facts.score_kind == FeedbackKind.NPS.value
+    return select(
+        facts.contact_id,
+        stage.label("stage"),
+        tier.label("value_tier"),
+        *_described(settings, at, facts),
+        func.coalesce(facts.total_spend, 0).label("total_spend"),
+        facts.currency,
+        facts.own_interval_days,
+        case((no_visits, None), else_=expected).label("expected_interval_days"),
+        db.instant_from_epoch(facts.last_epoch + expected * DAY).label("expected_next_visit"),
+        case((no_visits, 0), else_=value).label("expected_value"),
+    )
+
+
+def _described(settings: Settings, at: dt.datetime, row: Any) -> list[Any]:
+    """The profile columns that read the same for a customer and a prospect, from a row with the facts."""
+    score, card = row.score, settings.punch_card_size
+    is_nps = row.score_kind == FeedbackKind.NPS.value
     satisfaction = case(
         (and_(is_nps, score >= 9), Satisfaction.PROMOTER.value),
         (and_(is_nps, score >= 7), Satisfaction.PASSIVE.value),
@@ -499,30 +546,16 @@ def _profiles_query(settings: Settings, at: dt.datetime) -> Select[Any]:
         (score.is_not(None), Satisfaction.DETRACTOR.value),
         else_=Satisfaction.UNKNOWN.value,
     )
-    card = settings.punch_card_size
-    return (
-        select(
-            facts.contact_id,
-            literal(at, UTCDateTime()).label("as_of"),
-            stage.label("stage"),
-            tier.label("value_tier"),
-            satisfaction.label("satisfaction"),
-            facts.complaint_open,
-            facts.visits,
-            facts.first_visit,
-            facts.last_visit,
-            func.coalesce(facts.total_spend, 0).label("total_spend"),
-            facts.currency,
-            own.label("own_interval_days"),
-            expected_days.label("expected_interval_days"),
-            db.instant_from_epoch(facts.last_epoch + expected_days * DAY).label("expected_next_visit"),
-            func.coalesce(ranked.c.expected_value, 0).label("expected_value"),
-            facts.points,
-            (((facts.stamps % card) + card) % card).label("stamps"),
-        )
-        .select_from(facts)
-        .outerjoin(ranked, ranked.c.contact_id == facts.contact_id)
-    )
+    return [
+        literal(at, UTCDateTime()).label("as_of"),
+        satisfaction.label("satisfaction"),
+        row.complaint_open,
+        row.visits,
+        row.first_visit,
+        row.last_visit,
+        row.points,
+        (((row.stamps % card) + card) % card).label("stamps"),
+    ]
 
 
 def _profile_rows() -> Select[*tuple[Any, ...]]:

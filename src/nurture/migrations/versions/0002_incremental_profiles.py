@@ -40,6 +40,7 @@ def upgrade() -> None:
         sa.Column("last_visit", nurture.models.UTCDateTime(timezone=True), nullable=True),
         sa.Column("first_epoch", sa.Float(), nullable=True),
         sa.Column("last_epoch", sa.Float(), nullable=True),
+        sa.Column("own_interval_days", sa.Float(), nullable=True),
         sa.Column("total_spend", sa.Numeric(precision=14, scale=2), nullable=True),
         sa.Column("currency", sa.String(length=3), nullable=True),
         sa.Column("primary_tag", sa.String(length=64), nullable=False),
@@ -56,6 +57,8 @@ def upgrade() -> None:
         ),
         sa.PrimaryKeyConstraint("contact_id", name=op.f("pk_contact_facts")),
     )
+    op.create_index("ix_contact_facts_tag_interval", "contact_facts", ["primary_tag", "own_interval_days"])
+    op.create_index("ix_contact_facts_interval", "contact_facts", ["own_interval_days"])
     op.create_table(
         "profile_changes",
         sa.Column("contact_id", sa.Integer(), autoincrement=False, nullable=False),
