@@ -1,6 +1,6 @@
 """Build the business the calendar benchmark runs over: N contacts in steady state, cached as a SQLite file.
 
-    .venv/bin/python benchmarks/calendar [--contacts 1000000] [--rebuild] [--run]
+    .venv/bin/python benchmarks/calendar [--contacts 1000000] [--rebuild] [--run] [--in-process]
 
 With ``--run`` it then times one real calendar run over a fresh copy: ``nurture calendar run --json`` (the
 Prefect flow, its temporary server, the profile refresh, rendering and the outbox), its wall time and peak
@@ -38,7 +38,7 @@ import sys
 import time
 from pathlib import Path
 
-from nurture import db, profiles
+from nurture import calendar, db, profiles
 from nurture.settings import Settings
 
 VERSION = 2
@@ -451,12 +451,36 @@ def run(contacts: int, batch_size: int) -> None:
     print(f"  peak memory of the run: {peak_mib:,.0f} MiB")
 
 
+def run_in_process(contacts: int, batch_size: int) -> None:
+    """Time the same run in this process, without Prefect: ``nurture.calendar.run_calendar``."""
+    database = fresh_copy(contacts)
+    outbox = DATA / f"calendar-{contacts}-outbox"
+    shutil.rmtree(outbox, ignore_errors=True)
+    settings = Settings(  # type: ignore[call-arg]
+        _env_file=None,
+        database_url=f"sqlite:///{database}",
+        outbox_dir=outbox,
+        templates_dir=BENCHMARKS.parent / "templates",
+    )
+    started = time.perf_counter()
+    summary = calendar.run_calendar(settings, AT, batch_size=batch_size)
+    wall = time.perf_counter() - started
+    totals = summary.as_dict()
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"calendar run in this process, without Prefect, over {contacts:,} contacts:")
+    print(f"  planned: {totals['planned']:,}, sent: {totals['sent']:,}, held_out: {totals['held_out']:,}")
+    print(f"  wall time: {wall:.1f} s, peak memory of this process: {peak_mib:,.0f} MiB")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--contacts", type=int, default=1_000_000)
     parser.add_argument("--rebuild", action="store_true", help="Build again even if the file is cached.")
     parser.add_argument("--run", action="store_true", help="Then time one calendar run over a fresh copy.")
     parser.add_argument("--batch-size", type=int, default=50_000, help="Contacts per flow task in the run.")
+    parser.add_argument(
+        "--in-process", action="store_true", help="Then time the same run in this process, without Prefect."
+    )
     arguments = parser.parse_args()
     path, elapsed = cached(arguments.contacts, rebuild=arguments.rebuild)
     built = f"built in {elapsed:.1f} s" if elapsed is not None else "cached"
@@ -467,6 +491,8 @@ def main() -> None:
         print(f"  {label}: {count:,}{share}")
     if arguments.run:
         run(arguments.contacts, arguments.batch_size)
+    if arguments.in_process:
+        run_in_process(arguments.contacts, arguments.batch_size)
 
 
 if __name__ == "__main__":
