@@ -26,6 +26,7 @@ from nurture.models import (
     Feedback,
     FeedbackKind,
     LoyaltyEntry,
+    ProfileRefresh,
     Stage,
     ValueTier,
     Visit,
@@ -410,6 +411,22 @@ def test_a_refresh_sums_up_again_what_changed_and_agrees_with_a_full_one(shop: S
     with shop.sessions.begin() as session:
         profiles.refresh(session, shop.settings, day(46), full=True)
     assert _all_profiles(shop) == after
-    changed = {c for c in after if c in before and after[c] | {"as_of": 0} != before[c] | {"as_of": 0}}
+    changed = {c for c in after if c in before and after[c] != before[c]}
     assert {ana, bea, cid, dan, eva, fay, hal, ivy, jon, kim, regulars[0]} <= changed
     assert gil in after
+
+
+def test_each_refresh_is_recorded_with_how_many_contacts_it_summed_up(shop: Shop) -> None:
+    for n in range(5):
+        shop.customer(f"c{n}", [0, 10])
+    shop.refresh(11)
+    ana = shop.customer("ana", [5])
+    shop.visit(ana, [12])
+    shop.refresh(13)
+    with shop.sessions() as session:
+        rows = session.execute(
+            select(ProfileRefresh.as_of, ProfileRefresh.contacts_summed_up).order_by(ProfileRefresh.id)
+        ).all()
+        assert profiles.last_refreshed(session) == day(13)
+    # The first refresh sums everyone up; the second only the contact imported since, with two visits.
+    assert [tuple(row) for row in rows] == [(day(11), 5), (day(13), 1)]

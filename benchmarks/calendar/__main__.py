@@ -41,7 +41,7 @@ from pathlib import Path
 from nurture import calendar, db, profiles
 from nurture.settings import Settings
 
-VERSION = 2
+VERSION = 3
 # A Wednesday afternoon in Europe, late morning in the Americas: inside most contacts' send window, far
 # from the appreciation day (26 November) and the December promotion.
 AT = dt.datetime(2026, 10, 14, 14, 0, tzinfo=dt.UTC)

@@ -252,13 +252,15 @@ class Referral(Base):
 
 
 class ContactProfile(Base):
-    """What nurture knows about a contact as of ``as_of``, rebuilt set-based by a refresh."""
+    """What nurture knows about a contact as of the last refresh (``profile_refreshes``).
+
+    A refresh rewrites only the rows whose values changed, so that an hourly run does not rewrite every row.
+    """
 
     __tablename__ = "contact_profiles"
     __table_args__ = (Index("ix_contact_profiles_stage", "stage"),)
 
     contact_id: Mapped[int] = mapped_column(ForeignKey("contacts.id", ondelete="CASCADE"), primary_key=True)
-    as_of: Mapped[dt.datetime]
     stage: Mapped[Stage] = mapped_column(_enum(Stage, "stage"))
     value_tier: Mapped[ValueTier] = mapped_column(_enum(ValueTier, "value_tier"))
     satisfaction: Mapped[Satisfaction] = mapped_column(_enum(Satisfaction, "satisfaction"))
@@ -274,6 +276,17 @@ class ContactProfile(Base):
     expected_value: Mapped[Decimal] = mapped_column(Numeric(14, 2))  # spend expected over the next year
     points: Mapped[int]
     stamps: Mapped[int]  # progress on the current punch card
+
+
+class ProfileRefresh(Base):
+    """One refresh of the profiles: the instant they were computed as of."""
+
+    __tablename__ = "profile_refreshes"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    as_of: Mapped[dt.datetime]
+    refreshed_at: Mapped[dt.datetime]
+    contacts_summed_up: Mapped[int]  # how many contacts' history was summed up again
 
 
 class ContactFacts(Base):

@@ -64,9 +64,9 @@ from nurture.models import (
     FeedbackKind,
     LoyaltyEntry,
     ProfileChange,
+    ProfileRefresh,
     Satisfaction,
     Stage,
-    UTCDateTime,
     ValueTier,
     Visit,
 )
@@ -176,14 +176,23 @@ def refresh(session: Session, settings: Settings, at: dt.datetime, *, full: bool
         session.execute(delete(ContactFacts).where(ContactFacts.contact_id.in_(select(only.c.contact_id))))
     facts = _facts_query(at, only)
     session.execute(insert(ContactFacts).from_select([c.name for c in facts.selected_columns], facts))
+    summed = session.scalar(
+        select(func.count()).select_from(ContactFacts).where(_among(ContactFacts.contact_id, only))
+    )
     _DIRTY.drop(connection)
 
-    session.execute(delete(ContactProfile))
     priors = _priors(session)
-    query = _profiles_query(settings, at, priors, _tier_bounds(session, settings, at, priors))
-    session.execute(
-        insert(ContactProfile).from_select([column.name for column in query.selected_columns], query)
+    _write_profiles(
+        session, _profiles_query(settings, at, priors, _tier_bounds(session, settings, at, priors))
     )
+    session.add(
+        ProfileRefresh(
+            as_of=at,
+            refreshed_at=dt.datetime.now(dt.UTC),
+            contacts_summed_up=summed or 0,
+        )
+    )
+    session.flush()
     stages = {Stage(stage): count for stage, count in _counts(session, ContactProfile.stage)}
     tiers = {ValueTier(tier): count for tier, count in _counts(session, ContactProfile.value_tier)}
     return RefreshSummary(
@@ -192,6 +201,23 @@ def refresh(session: Session, settings: Settings, at: dt.datetime, *, full: bool
         stages={stage: stages.get(stage, 0) for stage in Stage},
         value_tiers={tier: tiers.get(tier, 0) for tier in ValueTier},
         loyalty_entries_added=added,
+    )
+
+
+def _write_profiles(session: Session, query: Select[Any]) -> None:
+    """Upsert a profile per row of ``query``, leaving alone the rows in which nothing changed."""
+    names = [column.name for column in query.selected_columns]
+    # (SQLite reads an upsert after INSERT ... SELECT only when the SELECT has a WHERE clause.)
+    statement = _dialect(session).insert(ContactProfile).from_select(names, query.where(true()))
+    new = {name: statement.excluded[name] for name in names if name != "contact_id"}
+    session.execute(
+        statement.on_conflict_do_update(
+            index_elements=[ContactProfile.contact_id],
+            set_=new,
+            where=or_(
+                *(getattr(ContactProfile, name).is_distinct_from(value) for name, value in new.items())
+            ),
+        )
     )
 
 
@@ -523,7 +549,7 @@ def _profiles_query(
         facts.contact_id,
         stage.label("stage"),
         tier.label("value_tier"),
-        *_described(settings, at, facts),
+        *_described(settings, facts),
         func.coalesce(facts.total_spend, 0).label("total_spend"),
         facts.currency,
         facts.own_interval_days,
@@ -533,8 +559,8 @@ def _profiles_query(
     )
 
 
-def _described(settings: Settings, at: dt.datetime, row: Any) -> list[Any]:
-    """The profile columns that read the same for a customer and a prospect, from a row with the facts."""
+def _described(settings: Settings, row: Any) -> list[Any]:
+    """The profile columns read straight off the facts: satisfaction, complaint, visits, loyalty."""
     score, card = row.score, settings.punch_card_size
     is_nps = row.score_kind == FeedbackKind.NPS.value
     satisfaction = case(
@@ -547,7 +573,6 @@ def _described(settings: Settings, at: dt.datetime, row: Any) -> list[Any]:
         else_=Satisfaction.UNKNOWN.value,
     )
     return [
-        literal(at, UTCDateTime()).label("as_of"),
         satisfaction.label("satisfaction"),
         row.complaint_open,
         row.visits,
@@ -624,5 +649,4 @@ def unprofiled_contacts(session: Session) -> int:
 
 def last_refreshed(session: Session) -> dt.datetime | None:
     """The instant the profiles were last computed as of, if ever."""
-    # A refresh writes every profile with the same instant: any row tells.
-    return session.scalar(select(ContactProfile.as_of).limit(1))
+    return session.scalar(select(ProfileRefresh.as_of).order_by(ProfileRefresh.id.desc()).limit(1))
