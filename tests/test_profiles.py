@@ -335,6 +335,18 @@ def test_the_cli_refreshes_shows_and_exports(shop: Shop, tmp_path: Path) -> None
     assert summary["contacts"] == 2
     assert summary["stages"]["returning"] == 1 and summary["stages"]["prospect"] == 1
 
+    # --full sums everyone up again (nothing changed, so a plain refresh would sum up no one) and agrees.
+    again = runner.invoke(app, ["contacts", "refresh", "--at", day(15).isoformat(), "--full", "--json"])
+    assert again.exit_code == 0, again.output
+    repeated = json.loads(again.stdout)
+    assert repeated["loyalty_entries_added"] == 0
+    assert {k: repeated[k] for k in ("as_of", "contacts", "stages", "value_tiers")} == {
+        k: summary[k] for k in ("as_of", "contacts", "stages", "value_tiers")
+    }
+    with shop.sessions() as session:
+        latest = session.scalars(select(ProfileRefresh).order_by(ProfileRefresh.id.desc())).first()
+        assert latest is not None and latest.contacts_summed_up == 2
+
     shown = runner.invoke(app, ["contacts", "show", "ana", "--json"])
     assert shown.exit_code == 0, shown.output
     record = json.loads(shown.stdout)
