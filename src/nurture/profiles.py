@@ -4,11 +4,12 @@ A refresh is a handful of SQL statements over all contacts. Triggers on the hist
 ``profile_changes`` every contact whose contacts, tags, visits or feedback rows were written; a refresh
 takes those, adds the contacts with rows dated since the last refresh, accrues loyalty entries from their
 visits and sums their history up again into ``contact_facts`` (one ``INSERT ... SELECT`` restricted to
-them). ``contact_profiles`` is then rebuilt for everyone from the facts with one more ``INSERT ...
-SELECT``: stages and value tiers move with time and with the population. The medians the rhythms are
-shrunk toward are read from the facts' indexes. Nothing up to ``at`` is skipped and nothing after it is
-seen, so refreshing at an earlier instant replays history. See README, "What nurture knows about each
-customer", for the rules.
+them). Every profile is then recomputed from the facts with one more ``INSERT ... SELECT``, an upsert
+that writes only the rows whose values changed: stages and value tiers move with time and with the
+population. The medians the rhythms are shrunk toward are read from the facts' indexes, and the value
+tiers' bounds found with one sort; each refresh is recorded in ``profile_refreshes``. Nothing up to
+``at`` is skipped and nothing after it is seen, so refreshing at an earlier instant replays history. See
+README, "What nurture knows about each customer", for the rules.
 """
 
 from __future__ import annotations
