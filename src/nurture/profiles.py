@@ -317,14 +317,18 @@ def _counts(session: Session, column: Any) -> list[tuple[str, int]]:
 
 @dataclass(frozen=True)
 class _Priors:
-    """The medians of the contacts' own rhythms: per primary tag (with how many it is of) and overall."""
+    """The medians of the contacts' own rhythms: per primary tag shared widely enough, and overall."""
 
-    by_tag: dict[str, tuple[float, int]]
+    by_tag: dict[str, float]  # only tags shared by at least MIN_SIMILAR rhythms: the others are not used
     overall: float | None
 
 
 def _priors(session: Session) -> _Priors:
-    """Read the medians from the facts' interval indexes: one count and one seek per tag, no sort."""
+    """Read the medians from the facts' interval indexes: one count, then one seek per tag used, no sort.
+
+    Only tags with at least ``MIN_SIMILAR`` rhythms get a median, so a business with thousands of rare
+    tags still costs a few queries.
+    """
     own = ContactFacts.own_interval_days
     counts = session.execute(
         select(ContactFacts.primary_tag, func.count())
@@ -344,9 +348,9 @@ def _priors(session: Session) -> _Priors:
 
     by_tag = {}
     for tag, count in counts:
-        value = median(count, ContactFacts.primary_tag == tag)
+        value = median(count, ContactFacts.primary_tag == tag) if count >= MIN_SIMILAR else None
         if value is not None:
-            by_tag[tag] = (value, count)
+            by_tag[tag] = value
     return _Priors(by_tag, median(sum(count for _, count in counts)))
 
 
@@ -460,7 +464,7 @@ def _expectations(settings: Settings, at: dt.datetime, priors: _Priors) -> tuple
     # A rhythm seen n+1 visit days is shrunk toward similar customers' (those sharing the primary tag, when
     # there are enough of them), else toward everyone's, else toward the configured default.
     fallback = priors.overall if priors.overall is not None else settings.default_interval_days
-    similar = {tag: value for tag, (value, count) in priors.by_tag.items() if count >= MIN_SIMILAR}
+    similar = priors.by_tag
     prior: Any = case(similar, value=facts.primary_tag, else_=fallback) if similar else literal(fallback)
     n = facts.visit_days - 1
     weight = settings.prior_weight
