@@ -1,0 +1,76 @@
+"""Consent: whether a contact agreed to hear from us on a channel, changed only with a recorded reason.
+
+``consents`` holds the current answer per (contact, channel); ``consent_events`` keeps every change,
+forever, with when and where it came from (an import, an unsubscribe link, a STOP reply, a provider's
+opt-out error). A change that changes nothing (a second click on the same unsubscribe link, SendGrid
+repeating an event) writes nothing, so that the history holds only real changes.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable
+
+from sqlalchemy import insert, select, tuple_, update
+from sqlalchemy.orm import Session
+
+from nurture.models import Channel, Consent, ConsentEvent, ConsentStatus
+
+
+def change(
+    session: Session,
+    pairs: Iterable[tuple[int, Channel]],
+    status: ConsentStatus,
+    *,
+    at: dt.datetime,
+    source: str,
+) -> int:
+    """Set consent on each (contact, channel) to ``status``; give how many really changed."""
+    wanted = set(pairs)
+    if not wanted:
+        return 0
+    current = {
+        (contact_id, channel): was
+        for contact_id, channel, was in session.execute(
+            select(Consent.contact_id, Consent.channel, Consent.status).where(
+                tuple_(Consent.contact_id, Consent.channel).in_(sorted(wanted))
+            )
+        )
+    }
+    changed = sorted(pair for pair in wanted if current.get(pair) is not status)
+    if not changed:
+        return 0
+    rows = [
+        {"contact_id": contact_id, "channel": channel, "status": status, "changed_at": at, "source": source}
+        for contact_id, channel in changed
+    ]
+    new = [row for row in rows if (row["contact_id"], row["channel"]) not in current]
+    known = [row for row in rows if (row["contact_id"], row["channel"]) in current]
+    if new:
+        session.execute(insert(Consent), new)
+    if known:
+        session.execute(update(Consent), known)
+    session.execute(
+        insert(ConsentEvent),
+        [
+            {
+                "contact_id": row["contact_id"],
+                "channel": row["channel"],
+                "status": status,
+                "occurred_at": at,
+                "source": source,
+            }
+            for row in rows
+        ],
+    )
+    return len(changed)
+
+
+def revoke(session: Session, pairs: Iterable[tuple[int, Channel]], *, at: dt.datetime, source: str) -> int:
+    """Withdraw consent on each (contact, channel): nothing more is sent there from the next run."""
+    return change(session, pairs, ConsentStatus.REVOKED, at=at, source=source)
+
+
+def grant(session: Session, pairs: Iterable[tuple[int, Channel]], *, at: dt.datetime, source: str) -> int:
+    """Give consent on each (contact, channel), as when a contact replies START."""
+    return change(session, pairs, ConsentStatus.GRANTED, at=at, source=source)
