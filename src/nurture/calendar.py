@@ -42,7 +42,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
-from nurture import db, ledger, profiles
+from nurture import consent, db, ledger, profiles
 from nurture.channels import Delivery, Messenger, OutgoingMessage, messenger_for
 from nurture.errors import TemplateError, UnknownTouch
 from nurture.models import (
@@ -125,6 +125,7 @@ COUNTS = (
     "skipped_margin",
     "failed",
     "unknown",
+    "consent_revoked",
     "template_errors",
     "taken_by_other_run",
 )
@@ -194,7 +195,13 @@ class RunSummary:
                 "Sent by channel: " + ", ".join(f"{k} {v}" for k, v in sorted(self.by_channel.items())),
             ]
         if self.unknown_sends:
-            lines += ["", f"{len(self.unknown_sends)} sends have an unknown outcome and will not be retried."]
+            ids = ", ".join(str(send_id) for send_id in self.unknown_sends[:50])
+            more = f" and {len(self.unknown_sends) - 50} more" if len(self.unknown_sends) > 50 else ""
+            lines += [
+                "",
+                f"{len(self.unknown_sends)} sends have an unknown outcome (the provider may have them) and"
+                f" will not be resent by themselves: {ids}{more}.",
+            ]
         if self.errors:
             lines += ["", "## Errors", ""] + [f"- {error}" for error in self.errors[:50]]
             if len(self.errors) > 50:
@@ -498,10 +505,14 @@ class Calendar:
                 continue
             by_channel[plan.channel].append((plan, message.outgoing(send_id, plan)))
         outcomes: list[ledger.Outcome] = []
+        revoked: dict[str, set[tuple[int, Channel]]] = defaultdict(set)
         for channel, items in by_channel.items():
             deliveries = self._messenger(channel).push([message for _, message in items])
             for (plan, _), delivery in zip(items, deliveries, strict=True):
                 outcomes.append(_outcome(delivery))
+                if delivery.revoke_consent:
+                    revoked[delivery.revoke_consent].add((plan.recipient.id, channel))
+                    summary.count(plan.due.touch.name, "consent_revoked")
                 status = {SendStatus.SENT: "sent", SendStatus.FAILED: "failed"}.get(
                     delivery.status, "unknown"
                 )
@@ -515,6 +526,8 @@ class Calendar:
                     summary.errors.append(f"{plan.due.touch.name} to contact {who} failed: {delivery.error}")
         with sessions.begin() as session:
             ledger.record(session, outcomes, at=self.at)
+            for source, pairs in revoked.items():
+                consent.revoke(session, pairs, at=self.at, source=source)
 
     def _entry(self, plan: Plan, message: Rendered | None, status: SendStatus) -> ledger.Entry:
         touch = plan.due.touch

@@ -39,6 +39,75 @@ class Settings(BaseSettings):
     )
     email_reply_to: str | None = Field(None, description="Where replies to emails go, if not the sender.")
 
+    # Sending through a provider (see README, "Channels"): shared by SendGrid and Twilio.
+    send_timeout_seconds: float = Field(
+        15.0,
+        gt=0,
+        description="How long to wait for a provider's answer once a request went out; no answer in time"
+        " records the send as unknown, never resent by itself.",
+    )
+    send_connect_timeout_seconds: float = Field(
+        5.0, gt=0, description="How long to try to reach a provider before the attempt counts as not made."
+    )
+    send_max_retries: int = Field(
+        4, ge=0, description="Retries of one message after a 429, a 5xx or a connection that never opened."
+    )
+    send_retry_budget: int = Field(
+        200,
+        ge=0,
+        description="Retries one provider may spend in a run, all messages together: when the provider is"
+        " down, a run gives up quickly instead of waiting out every message's retries.",
+    )
+    send_backoff_seconds: float = Field(
+        0.5, ge=0, description="First retry's delay; it doubles at each retry, with random jitter."
+    )
+    send_backoff_max_seconds: float = Field(30.0, ge=0, description="Longest delay between two retries.")
+    send_retry_after_max_seconds: float = Field(
+        120.0,
+        ge=0,
+        description="Longest Retry-After a provider may ask for and still be waited out; a longer one fails"
+        " the message with the provider's answer.",
+    )
+
+    # SendGrid (NURTURE_EMAIL_CHANNEL=sendgrid)
+    sendgrid_api_key: SecretStr | None = Field(None, description="SendGrid API key with Mail Send access.")
+    sendgrid_base_url: str = Field(
+        "https://api.sendgrid.com", description="SendGrid's API; tests point it at a local server."
+    )
+    sendgrid_unsubscribe_group: int | None = Field(
+        None, ge=1, description="SendGrid unsubscribe group (asm group id) marketing emails belong to."
+    )
+    sendgrid_rate: float = Field(50.0, gt=0, description="Emails a second nurture sends SendGrid at most.")
+    sendgrid_concurrency: int = Field(8, ge=1, description="SendGrid requests in flight at once.")
+
+    # Twilio (NURTURE_SMS_CHANNEL=twilio)
+    twilio_account_sid: str | None = Field(
+        None, pattern=r"^AC[0-9a-fA-F]{32}$", description="Twilio account SID (AC...)."
+    )
+    twilio_auth_token: SecretStr | None = Field(
+        None, description="Twilio auth token: authenticates API calls and signs Twilio's webhooks."
+    )
+    twilio_messaging_service_sid: str | None = Field(
+        None,
+        pattern=r"^MG[0-9a-fA-F]{32}$",
+        description="Messaging Service (MG...) SMS are sent from; set this or NURTURE_TWILIO_FROM.",
+    )
+    twilio_from: str | None = Field(
+        None,
+        pattern=r"^\+[1-9][0-9]{6,14}$",
+        description="Number (E.164) SMS are sent from; set this or NURTURE_TWILIO_MESSAGING_SERVICE_SID.",
+    )
+    twilio_base_url: str = Field(
+        "https://api.twilio.com", description="Twilio's REST API; tests point it at a local server."
+    )
+    twilio_rate: float = Field(
+        10.0,
+        gt=0,
+        description="SMS segments a second nurture sends Twilio at most (as Twilio counts them: a 2-segment"
+        " message counts 2); set it to what your senders are allowed.",
+    )
+    twilio_concurrency: int = Field(4, ge=1, description="Twilio requests in flight at once.")
+
     # Imports
     default_country: str | None = Field(
         None, description="ISO 3166 country for phones written the local way when a row has no country."
@@ -98,7 +167,7 @@ class Settings(BaseSettings):
     )
     business_phone: str = Field("+1 555 0100", description="Phone number shown in messages.")
 
-    @field_validator("public_url")
+    @field_validator("public_url", "sendgrid_base_url", "twilio_base_url")
     @classmethod
     def _no_trailing_slash(cls, value: str) -> str:
         return value.rstrip("/")

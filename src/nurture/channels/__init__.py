@@ -4,7 +4,8 @@ A channel ("messenger", after listmonk) takes a batch of channel-neutral ``Outgo
 answers one ``Delivery`` per message. The calendar claims each send in the ledger before calling ``push``
 and records the deliveries after it, so a channel never decides what is sent, only how.
 
-Built in: ``outbox`` (both channels; files on disk, see ``nurture.channels.outbox``). A new channel is a
+Built in: ``outbox`` (both channels; files on disk, see ``nurture.channels.outbox``), ``sendgrid`` (email)
+and ``twilio`` (SMS), the last two sending through ``nurture.channels.sending``. A new channel is a
 factory registered for a name and a channel::
 
     @register("sendgrid", Channel.EMAIL)
@@ -69,6 +70,9 @@ class Delivery:
     status: SendStatus
     provider_message_id: str | None = None
     error: str | None = None
+    # Set when the provider says the contact withdrew consent on this channel (Twilio's 21610): the
+    # calendar revokes it, with this as the recorded source, where it records the outcome.
+    revoke_consent: str | None = None
 
 
 class Messenger(Protocol):
@@ -94,7 +98,10 @@ MessengerFactory = Callable[[Settings], Messenger]
 _Factory = TypeVar("_Factory", bound=MessengerFactory)
 
 # Built-in channels are imported only when chosen, so that a provider's library loads only when used.
-_BUILT_IN = {"outbox": "nurture.channels.outbox"}
+_BUILT_IN = {
+    "outbox": "nurture.channels.outbox",
+    "sendgrid": "nurture.channels.sendgrid",
+}
 _ENTRY_POINT_GROUP = "nurture.channels"
 _SETTING = {Channel.EMAIL: "email_channel", Channel.SMS: "sms_channel"}
 _registry: dict[tuple[Channel, str], MessengerFactory] = {}

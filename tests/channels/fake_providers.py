@@ -1,0 +1,170 @@
+"""Local HTTP servers standing in for SendGrid and Twilio, checking requests against each one's OpenAPI."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from jsonschema import Draft4Validator
+from referencing import Registry, Resource
+from referencing.jsonschema import DRAFT4
+
+SPECS = Path(__file__).parent / "specs"
+
+
+def request_validator(spec_file: str, pointer: str) -> Draft4Validator:
+    """Give a validator for the schema at ``pointer`` (a JSON pointer) in one of the copied OpenAPI files."""
+    spec = json.loads((SPECS / spec_file).read_text())
+    uri = f"urn:{spec_file}"
+    registry: Registry[Any] = Registry().with_resource(uri, Resource.from_contents(spec, DRAFT4))
+    # OpenAPI 3.0 schemas are close to JSON Schema draft 4 (plus ``nullable``, which only loosens them).
+    return Draft4Validator({"$ref": f"{uri}#{pointer}"}, registry=registry)
+
+
+@dataclass
+class Answer:
+    """What the fake provider does with one request."""
+
+    status: int = 200
+    body: Any = None  # JSON-ready, or None for an empty body
+    headers: dict[str, str] = field(default_factory=dict)
+    delay: float = 0.0  # seconds to sit on the request after reading it (a client timeout is smaller)
+    drop: bool = False  # close the connection without answering, after reading the request
+
+
+@dataclass
+class Received:
+    """One request the fake provider read in full."""
+
+    at: float  # time.monotonic() when it arrived
+    path: str
+    headers: dict[str, str]
+    body: Any  # JSON for SendGrid, a dict of form fields for Twilio
+    errors: list[str]  # where the body breaks the provider's OpenAPI description
+
+
+Script = Callable[[Received, int], Answer]  # (the request, how many came before it) -> the answer
+
+
+class FakeProvider:
+    """A provider on 127.0.0.1: records each request, validates its body, answers as the test says."""
+
+    def __init__(
+        self, validate: Callable[[Any], list[str]], parse: Callable[[bytes], Any], default: Script
+    ) -> None:
+        self.requests: list[Received] = []
+        self.script: Script = default
+        self._default = default
+        self._validate = validate
+        self._parse = parse
+        self._lock = threading.Lock()
+        provider = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:
+                raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                body = provider._parse(raw)
+                received = Received(
+                    time.monotonic(), self.path, dict(self.headers), body, provider._validate(body)
+                )
+                with provider._lock:
+                    before = len(provider.requests)
+                    provider.requests.append(received)
+                answer = provider.script(received, before)
+                if answer.delay:
+                    time.sleep(answer.delay)
+                if answer.drop:
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    self.close_connection = True
+                    return
+                payload = b"" if answer.body is None else json.dumps(answer.body).encode()
+                self.send_response(answer.status)
+                for name, value in answer.headers.items():
+                    self.send_header(name, value)
+                if payload:
+                    self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+
+    def answer(self, *answers: Answer) -> None:
+        """Answer the next requests with ``answers`` in turn, then as by default."""
+        queue = list(answers)
+        lock = threading.Lock()
+
+        def script(received: Received, before: int) -> Answer:
+            with lock:
+                if queue:
+                    return queue.pop(0)
+            return self._default(received, before)
+
+        self.script = script
+
+    @property
+    def invalid(self) -> list[str]:
+        """Every way a received body broke the provider's contract."""
+        return [error for request in self.requests for error in request.errors]
+
+    @contextmanager
+    def running(self) -> Iterator[FakeProvider]:
+        thread = threading.Thread(
+            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
+        thread.start()
+        try:
+            yield self
+        finally:
+            self.server.shutdown()
+            self.server.server_close()
+            thread.join()
+
+
+def _messages(validator: Draft4Validator) -> Callable[[Any], list[str]]:
+    def validate(body: Any) -> list[str]:
+        return [
+            f"{'/'.join(map(str, e.absolute_path)) or '(body)'}: {e.message}"
+            for e in validator.iter_errors(body)
+        ]
+
+    return validate
+
+
+def sendgrid_contract() -> Callable[[Any], list[str]]:
+    """Give the check of a Mail Send body against SendGrid's OpenAPI description: the ways it breaks it."""
+    return _messages(
+        request_validator(
+            "sendgrid_mail_v3.openapi.json",
+            "/components/requestBodies/PostMailSend/content/application~1json/schema",
+        )
+    )
+
+
+def sendgrid() -> FakeProvider:
+    """Stand in for SendGrid's v3 Mail Send: 202 with an ``X-Message-Id`` unless the script says otherwise."""
+
+    def accept(received: Received, before: int) -> Answer:
+        return Answer(202, headers={"X-Message-Id": f"sg-{before + 1}"})
+
+    return FakeProvider(sendgrid_contract(), lambda raw: json.loads(raw), accept)
+
+
+def sendgrid_error(status: int, message: str, field: str | None = None, **headers: str) -> Answer:
+    """Give SendGrid's error answer, shaped as its OpenAPI description says."""
+    return Answer(status, {"errors": [{"message": message, "field": field}]}, headers=headers)
