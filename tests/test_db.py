@@ -4,14 +4,15 @@ import datetime as dt
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select, text
+from alembic import command
+from sqlalchemy import Engine, inspect, select, text
 from sqlalchemy.exc import IntegrityError, OperationalError, StatementError
 from sqlalchemy.orm import Session, sessionmaker
 from typer.testing import CliRunner
 
 from nurture import db
 from nurture.cli import app
-from nurture.models import Contact, Send, SendCategory, SendStatus
+from nurture.models import Contact, Delivery, Send, SendCategory, SendStatus
 from nurture.settings import Settings
 
 
@@ -94,3 +95,41 @@ def test_a_second_holder_of_an_exclusive_lock_waits_for_the_first(sessions: sess
                 db.exclusive(second, "nurture.profiles.refresh")
     with sessions.begin() as third:
         db.exclusive(third, "nurture.profiles.refresh")
+
+
+def test_migration_0004_goes_down_and_up_again_keeping_the_ledger(
+    engine: Engine, sessions: sessionmaker[Session]
+) -> None:
+    now = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    with sessions.begin() as session:
+        contact = _contact("c1", now)
+        session.add(contact)
+        session.flush()
+        session.add(
+            Send(
+                key="welcome:1:first",
+                contact_id=contact.id,
+                touch="welcome",
+                occurrence="first",
+                category=SendCategory.MARKETING,
+                status=SendStatus.SENT,
+                due_at=now,
+                claimed_at=now,
+                provider_message_id="SM1",
+            )
+        )
+
+    with engine.begin() as connection:
+        command.downgrade(db.alembic_config(connection), "0003")
+    assert "send_events" not in inspect(engine).get_table_names()
+    assert "delivery" not in {column["name"] for column in inspect(engine).get_columns("sends")}
+    with engine.begin() as connection:
+        command.upgrade(db.alembic_config(connection), "head")
+
+    assert db.is_current(engine)
+    with sessions.begin() as session:
+        send = session.scalars(select(Send)).one()
+        assert (send.key, send.provider_message_id, send.delivery) == ("welcome:1:first", "SM1", None)
+        send.delivery = Delivery.DELIVERED
+    with pytest.raises(IntegrityError), engine.begin() as connection:
+        connection.execute(text("UPDATE sends SET delivery = 'lost in the post'"))

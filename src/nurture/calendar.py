@@ -1,8 +1,8 @@
 """The contact calendar: which message, if any, each contact is due now, and sending it exactly once.
 
 A run plans for one instant (``at``). It refreshes every profile, then walks the contacts in ranges of ids;
-for each range it asks SQL, one query per touch, which contacts the touch is due for, and then applies the
-rules every send obeys, in this order:
+for each range it asks SQL, one query per touch, which contacts the touch is due for (leaving out those who
+unsubscribed from that touch's topic), and then applies the rules every send obeys, in this order:
 
 1. the exact local due date (each contact's own timezone, DST included) and how long the message stays valid;
 2. the ledger: a message whose key is already recorded is done;
@@ -59,6 +59,7 @@ from nurture.models import (
     SendCategory,
     SendStatus,
     Stage,
+    TopicUnsubscribe,
     ValueTier,
 )
 from nurture.programme import (
@@ -652,7 +653,7 @@ class Calendar:
         base = (
             select(P.contact_id)
             .join(C, C.id == P.contact_id)
-            .where(P.contact_id >= low, P.contact_id < high, _audience(touch.audience))
+            .where(P.contact_id >= low, P.contact_id < high, _audience(touch.audience), _subscribed(touch))
         )
         if touch.cooldown_days:
             since = self.at - dt.timedelta(days=touch.cooldown_days)
@@ -839,7 +840,13 @@ class Calendar:
                 .join(friend, friend.contact_id == Referral.referred_id)
                 .join(P, P.contact_id == side)
                 .join(C, C.id == side)
-                .where(side >= low, side < high, friend.first_visit > since, _audience(touch.audience))
+                .where(
+                    side >= low,
+                    side < high,
+                    friend.first_visit > since,
+                    _audience(touch.audience),
+                    _subscribed(touch, side),
+                )
             )
             for row in session.execute(query):
                 due = local_date(row.first_visit, row.timezone)
@@ -943,6 +950,11 @@ def _audience(audience: Audience) -> ColumnElement[bool]:
     if audience.any_of:
         conditions.append(or_(*(_audience(sub) for sub in audience.any_of)))
     return and_(true(), *conditions)
+
+
+def _subscribed(touch: Touch, contact_id: Any = P.contact_id) -> ColumnElement[bool]:
+    """Give the SQL condition leaving out contacts who unsubscribed from the touch's topic (its name)."""
+    return ~exists().where(TopicUnsubscribe.contact_id == contact_id, TopicUnsubscribe.topic == touch.name)
 
 
 def _since_last_visit(touch: Touch, aggregate: Any) -> Any:

@@ -248,6 +248,24 @@ def contacts_export(
         )
 
 
+@app.command("serve")
+def serve(
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 8000,
+) -> None:
+    """Answer unsubscribe links and the SendGrid and Twilio webhooks (reachable at NURTURE_PUBLIC_URL)."""
+    import uvicorn
+
+    from nurture.web import create_app
+
+    settings = load_settings()
+    with database_sessions(settings) as sessions:
+        console.print(
+            f"nurture serve on http://{host}:{port}, reachable from outside at {settings.public_url}"
+        )
+        uvicorn.run(create_app(settings, sessions), host=host, port=port, log_level="info")
+
+
 @app.command("demo")
 def demo_command(
     directory: Annotated[Path, typer.Option("--dir", help="Folder the demo empties and works in.")] = Path(

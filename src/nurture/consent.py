@@ -2,7 +2,8 @@
 
 ``consents`` holds the current answer per (contact, channel); ``consent_events`` keeps every change,
 forever, with when and where it came from (an import, an unsubscribe link, a STOP reply, a provider's
-opt-out error). A change that changes nothing (a second click on the same unsubscribe link, SendGrid
+opt-out error). A contact can also leave one topic (a touch) and keep the rest: ``topic_unsubscribes``.
+A change that changes nothing (a second click on the same unsubscribe link, SendGrid
 repeating an event) writes nothing, so that the history holds only real changes.
 """
 
@@ -14,7 +15,9 @@ from collections.abc import Iterable
 from sqlalchemy import insert, select, tuple_, update
 from sqlalchemy.orm import Session
 
-from nurture.models import Channel, Consent, ConsentEvent, ConsentStatus
+from nurture import db
+from nurture.models import Channel, Consent, ConsentEvent, ConsentStatus, TopicUnsubscribe
+from nurture.tokens import UnsubscribeToken
 
 
 def change(
@@ -74,3 +77,27 @@ def revoke(session: Session, pairs: Iterable[tuple[int, Channel]], *, at: dt.dat
 def grant(session: Session, pairs: Iterable[tuple[int, Channel]], *, at: dt.datetime, source: str) -> int:
     """Give consent on each (contact, channel), as when a contact replies START."""
     return change(session, pairs, ConsentStatus.GRANTED, at=at, source=source)
+
+
+def unsubscribe_topics(
+    session: Session, pairs: Iterable[tuple[int, str]], *, at: dt.datetime, source: str
+) -> int:
+    """Unsubscribe each (contact, topic): the calendar sends that touch no more; give how many are new."""
+    wanted = set(pairs)
+    if not wanted:
+        return 0
+    rows = [
+        {"contact_id": contact_id, "topic": topic, "unsubscribed_at": at, "source": source}
+        for contact_id, topic in sorted(wanted)
+    ]
+    statement = db.insert_new(session, TopicUnsubscribe, unique=("contact_id", "topic"))
+    inserted = session.execute(statement.returning(TopicUnsubscribe.contact_id), rows).all()
+    return len(inserted)
+
+
+def unsubscribe(session: Session, token: UnsubscribeToken, *, at: dt.datetime, source: str) -> bool:
+    """Do what an unsubscribe link asks: revoke its channel or leave its topic; give whether it changed."""
+    if token.channel is not None:
+        return revoke(session, [(token.contact_id, token.channel)], at=at, source=source) > 0
+    assert token.topic is not None
+    return unsubscribe_topics(session, [(token.contact_id, token.topic)], at=at, source=source) > 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+from collections.abc import Sequence
 from importlib.resources import files
 from typing import Any
 
@@ -12,6 +13,8 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, create_engine, event, text
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.sql.compiler import SQLCompiler
@@ -180,3 +183,13 @@ def exclusive(session: Session, name: str) -> None:
         session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
     else:
         session.execute(text("UPDATE alembic_version SET version_num = version_num WHERE 0 = 1"))
+
+
+def insert_new(session: Session, table: Any, *, unique: Sequence[str]) -> Any:
+    """An INSERT into ``table`` that skips rows whose ``unique`` columns are taken (ON CONFLICT DO NOTHING).
+
+    So that two requests writing the same row at once both succeed and the row is written once.
+    """
+    dialect = session.get_bind().dialect.name
+    make = postgresql_insert if dialect == "postgresql" else sqlite_insert
+    return make(table).on_conflict_do_nothing(index_elements=list(unique))

@@ -118,6 +118,28 @@ class SendCategory(StrEnum):
     SERVICE = "service"
 
 
+class Delivery(StrEnum):
+    """What the provider last said about a sent message reaching the recipient (a final answer only)."""
+
+    DELIVERED = "delivered"
+    BOUNCED = "bounced"  # SendGrid: the receiving server refused it
+    DROPPED = "dropped"  # SendGrid: never sent (a suppressed or invalid address)
+    UNDELIVERED = "undelivered"  # Twilio: the carrier could not deliver it
+    FAILED = "failed"  # Twilio: it never left Twilio
+
+
+class Provider(StrEnum):
+    SENDGRID = "sendgrid"
+    TWILIO = "twilio"
+
+
+class InboundKind(StrEnum):
+    OPT_OUT = "opt_out"  # STOP and Twilio's other opt-out words
+    OPT_IN = "opt_in"  # START, YES, UNSTOP
+    HELP = "help"  # HELP, INFO
+    REPLY = "reply"  # anything else
+
+
 naming_convention = {
     "ix": "ix_%(column_0_label)s",
     "uq": "uq_%(table_name)s_%(column_0_name)s",
@@ -341,6 +363,7 @@ class Send(Base):
         Index("ix_sends_contact_sent", "contact_id", "sent_at"),
         Index("ix_sends_touch_status", "touch", "status"),
         Index("ix_sends_status", "status"),
+        Index("ix_sends_provider_message_id", "provider_message_id"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -363,3 +386,64 @@ class Send(Base):
     provider_message_id: Mapped[str | None] = mapped_column(String(255))
     error: Mapped[str | None] = mapped_column(Text)
     run_id: Mapped[str | None] = mapped_column(String(64))
+    # What the provider's webhooks last said; ``status`` stays what the channel answered.
+    delivery: Mapped[Delivery | None] = mapped_column(_enum(Delivery, "delivery"))
+    delivery_error: Mapped[str | None] = mapped_column(Text)
+    delivery_at: Mapped[dt.datetime | None]
+
+
+class SendEvent(Base):
+    """One event a provider reported about a send (delivered, opened, bounced...), recorded once.
+
+    ``dedupe_key`` is the provider's own id for the event, so that a repeated webhook writes nothing.
+    ``send_id`` is empty for events about messages this database does not know; they are kept and counted.
+    """
+
+    __tablename__ = "send_events"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    send_id: Mapped[int | None] = mapped_column(ForeignKey("sends.id", ondelete="SET NULL"), index=True)
+    provider: Mapped[Provider] = mapped_column(_enum(Provider, "provider"))
+    event: Mapped[str] = mapped_column(String(32))  # the provider's own name: "open", "undelivered"...
+    dedupe_key: Mapped[str] = mapped_column(String(255), unique=True)
+    occurred_at: Mapped[dt.datetime]
+    received_at: Mapped[dt.datetime]
+    payload: Mapped[dict[str, Any]]
+
+
+class EmailSuppression(Base):
+    """An address nothing is emailed to again: it bounced or its owner reported spam."""
+
+    __tablename__ = "email_suppressions"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    address: Mapped[str] = mapped_column(String(320), unique=True)  # lowercased
+    reason: Mapped[str] = mapped_column(String(32))  # the provider's event: "bounce", "spamreport"
+    suppressed_at: Mapped[dt.datetime]
+
+
+class InboundMessage(Base):
+    """An SMS a contact sent us: an opt-out or opt-in word, a request for help, or a reply to a send."""
+
+    __tablename__ = "inbound_messages"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    provider_sid: Mapped[str] = mapped_column(String(64), unique=True)
+    contact_id: Mapped[int | None] = mapped_column(ForeignKey("contacts.id", ondelete="SET NULL"), index=True)
+    send_id: Mapped[int | None] = mapped_column(ForeignKey("sends.id", ondelete="SET NULL"), index=True)
+    from_number: Mapped[str] = mapped_column(String(32))
+    to_number: Mapped[str | None] = mapped_column(String(32))
+    body: Mapped[str] = mapped_column(Text)
+    kind: Mapped[InboundKind] = mapped_column(_enum(InboundKind, "inbound_kind"))
+    received_at: Mapped[dt.datetime]
+
+
+class TopicUnsubscribe(Base):
+    """A contact who asked for no more messages of one touch (its topic), on any channel."""
+
+    __tablename__ = "topic_unsubscribes"
+
+    contact_id: Mapped[int] = mapped_column(ForeignKey("contacts.id", ondelete="CASCADE"), primary_key=True)
+    topic: Mapped[str] = mapped_column(String(64), primary_key=True)  # a touch name
+    unsubscribed_at: Mapped[dt.datetime]
+    source: Mapped[str] = mapped_column(String(255))

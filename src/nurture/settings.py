@@ -167,6 +167,29 @@ class Settings(BaseSettings):
     )
     business_phone: str = Field("+1 555 0100", description="Phone number shown in messages.")
 
+    # `nurture serve`: provider webhooks and unsubscribe pages (see README, "nurture serve").
+    sendgrid_webhook_public_key: str | None = Field(
+        None,
+        description="The verification key of SendGrid's Signed Event Webhook (base64, as SendGrid shows it);"
+        " without it POST /webhooks/sendgrid refuses every request.",
+    )
+    webhook_tolerance_seconds: int = Field(
+        300,
+        ge=1,
+        description="A signed SendGrid webhook whose timestamp is further than this from now is refused,"
+        " so that a captured request cannot be replayed later.",
+    )
+    max_body_bytes: int = Field(
+        1_048_576,
+        ge=1024,
+        description="Largest request body `nurture serve` reads; a larger one gets 413 and writes nothing."
+        " SendGrid posts events in batches well under 1 MiB.",
+    )
+    sms_help_text: str | None = Field(
+        None,
+        description="The reply to HELP or INFO; by default the business name and phone, and how to stop.",
+    )
+
     @field_validator("public_url", "sendgrid_base_url", "twilio_base_url")
     @classmethod
     def _no_trailing_slash(cls, value: str) -> str:

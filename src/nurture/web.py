@@ -1,0 +1,204 @@
+"""The web app `nurture serve` runs: unsubscribe pages and the providers' webhooks.
+
+    GET  /u/{token}               a page confirming the unsubscribe, with a button
+    POST /u/{token}               the button, and RFC 8058 one-click (``List-Unsubscribe=One-Click``)
+
+Every request is checked before anything is written (its size, then its signature or token, then its
+body) and then written in one short transaction: all of it or nothing. Database work runs in Starlette's
+thread pool, so that a slow query never stalls the event loop.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable
+
+from jinja2 import Environment
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, PlainTextResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from nurture import consent
+from nurture.errors import BadToken
+from nurture.models import Contact
+from nurture.settings import Settings
+from nurture.tokens import UnsubscribeToken, read_unsubscribe_token
+
+Clock = Callable[[], dt.datetime]
+
+# The token is in the URL: keep it out of Referer headers, caches and search engines.
+_PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+    "X-Robots-Tag": "noindex",
+}
+
+_WORDS: dict[str, dict[str, str]] = {
+    "en": {
+        "title": "Unsubscribe",
+        "email": "emails",
+        "sms": "text messages",
+        "topic": "“{topic}” messages",
+        "ask": "Stop receiving {what} from {business}?",
+        "button": "Unsubscribe",
+        "done": "You are unsubscribed: no more {what} from {business}.",
+    },
+    "es": {
+        "title": "Darse de baja",
+        "email": "correos",
+        "sms": "SMS",
+        "topic": "mensajes «{topic}»",
+        "ask": "¿Dejar de recibir {what} de {business}?",
+        "button": "Darme de baja",
+        "done": "Te has dado de baja: no recibirás más {what} de {business}.",
+    },
+    "pt": {
+        "title": "Cancelar inscrição",
+        "email": "e-mails",
+        "sms": "SMS",
+        "topic": "mensagens “{topic}”",
+        "ask": "Deixar de receber {what} de {business}?",
+        "button": "Cancelar inscrição",
+        "done": "Inscrição cancelada: você não receberá mais {what} de {business}.",
+    },
+}
+
+_PAGE = Environment(autoescape=True).from_string(
+    """<!doctype html>
+<html lang="{{ lang }}">
+<head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{{ title }}</title>
+<style>body{font-family:system-ui,sans-serif;max-width:32rem;margin:4rem auto;padding:0 1rem;color:#222}
+button{font-size:1rem;padding:.6rem 1.2rem;border:0;border-radius:4px;background:#222;color:#fff}
+</style></head>
+<body>
+<h1>{{ title }}</h1>
+{% if done %}<p>{{ done }}</p>{% else %}<p>{{ ask }}</p>
+<form method="post"><input type="hidden" name="List-Unsubscribe" value="One-Click">
+<button type="submit">{{ button }}</button></form>{% endif %}
+</body>
+</html>
+"""
+)
+
+
+def create_app(settings: Settings, sessions: sessionmaker[Session], *, clock: Clock | None = None) -> ASGIApp:
+    """Build the ASGI app `nurture serve` runs, on ``sessions`` of the configured database."""
+    now = clock or (lambda: dt.datetime.now(dt.UTC))
+
+    def contact_locale(token: UnsubscribeToken) -> str | None:
+        with sessions() as session:
+            return session.scalar(select(Contact.locale).where(Contact.id == token.contact_id))
+
+    def unsubscribe(token: UnsubscribeToken) -> str | None:
+        with sessions.begin() as session:
+            locale = session.scalar(select(Contact.locale).where(Contact.id == token.contact_id))
+            if locale is not None:
+                consent.unsubscribe(session, token, at=now(), source="unsubscribe link")
+            return locale
+
+    def read_token(request: Request) -> UnsubscribeToken:
+        try:
+            return read_unsubscribe_token(settings, request.path_params["token"])
+        except BadToken:
+            raise HTTPException(404) from None
+
+    async def unsubscribe_page(request: Request) -> Response:
+        token = read_token(request)
+        locale = await run_in_threadpool(contact_locale, token)
+        if locale is None:
+            raise HTTPException(404)
+        return _page(settings, token, locale, done=False)
+
+    async def unsubscribe_post(request: Request) -> Response:
+        token = read_token(request)
+        form = await request.form()
+        if form.get("List-Unsubscribe") != "One-Click":
+            raise HTTPException(400, "expected the form field List-Unsubscribe=One-Click (RFC 8058)")
+        locale = await run_in_threadpool(unsubscribe, token)
+        if locale is None:
+            raise HTTPException(404)
+        return _page(settings, token, locale, done=True)
+
+    routes = [
+        Route("/u/{token}", unsubscribe_page, methods=["GET"]),
+        Route("/u/{token}", unsubscribe_post, methods=["POST"]),
+    ]
+    app = Starlette(routes=routes, exception_handlers={HTTPException: _plain_error})
+    return BodyLimit(app, settings.max_body_bytes)
+
+
+def _page(settings: Settings, token: UnsubscribeToken, locale: str, *, done: bool) -> HTMLResponse:
+    lang = locale.split("_")[0]
+    words = _WORDS.get(lang) or _WORDS["en"]
+    if token.topic is not None:
+        what = words["topic"].format(topic=token.topic)
+    else:
+        what = words[token.scope]
+    text = {"what": what, "business": settings.business_name}
+    html = _PAGE.render(
+        lang=lang if lang in _WORDS else "en",
+        title=words["title"],
+        ask=words["ask"].format(**text),
+        button=words["button"],
+        done=words["done"].format(**text) if done else None,
+    )
+    return HTMLResponse(html, headers=_PAGE_HEADERS)
+
+
+async def _plain_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    return PlainTextResponse(f"{exc.detail}\n", status_code=exc.status_code, headers=exc.headers)
+
+
+class BodyTooLarge(HTTPException):
+    """Raised inside a request whose body grows past the limit while it is read: answered 413."""
+
+    def __init__(self) -> None:
+        super().__init__(413, "request body too large")
+
+
+class BodyLimit:
+    """Answer 413 to a request whose body is larger than ``limit`` bytes, declared or streamed."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+            status = 413 if declared.isdigit() else 400
+            await _answer(send, status, b"request body too large\n" if status == 413 else b"bad length\n")
+            return
+        seen = 0
+
+        async def limited_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise BodyTooLarge()
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+async def _answer(send: Send, status: int, body: bytes) -> None:
+    headers: list[tuple[bytes, bytes]] = [
+        (b"content-type", b"text/plain; charset=utf-8"),
+        (b"content-length", str(len(body)).encode()),
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
