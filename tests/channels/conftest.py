@@ -13,3 +13,9 @@ from fake_providers import FakeProvider
 def sendgrid_api() -> Iterator[FakeProvider]:
     with fake_providers.sendgrid().running() as server:
         yield server
+
+
+@pytest.fixture
+def twilio_api() -> Iterator[FakeProvider]:
+    with fake_providers.twilio().running() as server:
+        yield server

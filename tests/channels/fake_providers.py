@@ -12,21 +12,26 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl
 
-from jsonschema import Draft4Validator
+from jsonschema import Draft4Validator, Draft202012Validator
+from jsonschema.protocols import Validator
 from referencing import Registry, Resource
-from referencing.jsonschema import DRAFT4
+from referencing.jsonschema import DRAFT4, DRAFT202012
 
 SPECS = Path(__file__).parent / "specs"
 
 
-def request_validator(spec_file: str, pointer: str) -> Draft4Validator:
+def request_validator(spec_file: str, pointer: str) -> Validator:
     """Give a validator for the schema at ``pointer`` (a JSON pointer) in one of the copied OpenAPI files."""
     spec = json.loads((SPECS / spec_file).read_text())
     uri = f"urn:{spec_file}"
-    registry: Registry[Any] = Registry().with_resource(uri, Resource.from_contents(spec, DRAFT4))
-    # OpenAPI 3.0 schemas are close to JSON Schema draft 4 (plus ``nullable``, which only loosens them).
-    return Draft4Validator({"$ref": f"{uri}#{pointer}"}, registry=registry)
+    # OpenAPI 3.1 schemas are JSON Schema 2020-12; 3.0 ones are close to draft 4 (``nullable`` only loosens).
+    modern = spec["openapi"].startswith("3.1")
+    validator = Draft202012Validator if modern else Draft4Validator
+    resource = Resource.from_contents(spec, DRAFT202012 if modern else DRAFT4)
+    registry: Registry[Any] = Registry().with_resource(uri, resource)
+    return validator({"$ref": f"{uri}#{pointer}"}, registry=registry, format_checker=validator.FORMAT_CHECKER)
 
 
 @dataclass
@@ -136,7 +141,7 @@ class FakeProvider:
             thread.join()
 
 
-def _messages(validator: Draft4Validator) -> Callable[[Any], list[str]]:
+def _messages(validator: Validator) -> Callable[[Any], list[str]]:
     def validate(body: Any) -> list[str]:
         return [
             f"{'/'.join(map(str, e.absolute_path)) or '(body)'}: {e.message}"
@@ -168,3 +173,54 @@ def sendgrid() -> FakeProvider:
 def sendgrid_error(status: int, message: str, field: str | None = None, **headers: str) -> Answer:
     """Give SendGrid's error answer, shaped as its OpenAPI description says."""
     return Answer(status, {"errors": [{"message": message, "field": field}]}, headers=headers)
+
+
+def twilio_contract() -> Callable[[Any], list[str]]:
+    """Give the check of a Messages create form against Twilio's OpenAPI description."""
+    return _messages(
+        request_validator(
+            "twilio_messages_v2010.openapi.json",
+            "/paths/~12010-04-01~1Accounts~1{AccountSid}~1Messages.json/post/requestBody/content"
+            "/application~1x-www-form-urlencoded/schema",
+        )
+    )
+
+
+def twilio() -> FakeProvider:
+    """Stand in for Twilio's Messages create: 201 with a new message SID unless the script says otherwise."""
+
+    def accept(received: Received, before: int) -> Answer:
+        return twilio_created(received, before + 1)
+
+    def form(raw: bytes) -> dict[str, str]:
+        return dict(parse_qsl(raw.decode(), keep_blank_values=True))
+
+    return FakeProvider(twilio_contract(), form, accept)
+
+
+def twilio_created(received: Received, n: int) -> Answer:
+    """Give Twilio's 201 for a created message, shaped as the example in its OpenAPI description."""
+    form = received.body
+    return Answer(
+        201,
+        {
+            "account_sid": received.path.split("/")[3],
+            "api_version": "2010-04-01",
+            "body": form.get("Body"),
+            "direction": "outbound-api",
+            "error_code": None,
+            "error_message": None,
+            "from": form.get("From"),
+            "messaging_service_sid": form.get("MessagingServiceSid"),
+            "num_segments": "1",
+            "sid": f"SM{n:032x}",
+            "status": "queued",
+            "to": form.get("To"),
+        },
+    )
+
+
+def twilio_error(status: int, code: int, message: str, **headers: str) -> Answer:
+    """Give Twilio's error answer: its code, message and the page that explains it."""
+    body = {"code": code, "message": message, "more_info": f"https://www.twilio.com/docs/errors/{code}"}
+    return Answer(status, body | {"status": status}, headers=headers)

@@ -101,6 +101,7 @@ _Factory = TypeVar("_Factory", bound=MessengerFactory)
 _BUILT_IN = {
     "outbox": "nurture.channels.outbox",
     "sendgrid": "nurture.channels.sendgrid",
+    "twilio": "nurture.channels.twilio",
 }
 _ENTRY_POINT_GROUP = "nurture.channels"
 _SETTING = {Channel.EMAIL: "email_channel", Channel.SMS: "sms_channel"}
