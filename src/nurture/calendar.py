@@ -201,7 +201,7 @@ class RunSummary:
             lines += [
                 "",
                 f"{len(self.unknown_sends)} sends have an unknown outcome (the provider may have them) and"
-                f" will not be resent by themselves: {ids}{more}.",
+                f" will not be resent by themselves: {ids}{more}. `nurture sends reconcile` settles them.",
             ]
         if self.errors:
             lines += ["", "## Errors", ""] + [f"- {error}" for error in self.errors[:50]]

@@ -20,7 +20,7 @@ from rich.table import Table
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from nurture import db, demo, profiles, rendering, synthetic
+from nurture import db, demo, ledger, profiles, rendering, synthetic
 from nurture.errors import NurtureError, ProfileNotRefreshed, UnknownTouch
 from nurture.imports import ImportKind, import_file
 from nurture.models import Channel
@@ -413,6 +413,12 @@ def _print_run(result: dict[str, Any]) -> None:
     console.print(table)
     for error in result["errors"]:
         err_console.print(f"[yellow]warning:[/] {error}", highlight=False)
+    if result.get("unknown_sends"):
+        ids = ", ".join(str(send_id) for send_id in result["unknown_sends"])
+        err_console.print(
+            f"[yellow]unknown outcome, not resent by itself:[/] sends {ids}; see `nurture sends reconcile`",
+            highlight=False,
+        )
 
 
 @programme_app.command("check")
@@ -437,4 +443,90 @@ def programme_check() -> None:
     console.print(
         f"programme ok: {len(programme.touches)} touches, {len(programme.content)} content items "
         f"in {settings.templates_dir}"
+    )
+
+
+sends_app = typer.Typer(no_args_is_help=True, help="The send ledger.")
+app.add_typer(sends_app, name="sends")
+
+
+@sends_app.command("reconcile")
+def sends_reconcile(
+    sent: Annotated[
+        list[int] | None,
+        typer.Option("--sent", metavar="ID", help="Record this unknown send as sent; repeat for several."),
+    ] = None,
+    message_id: Annotated[
+        str | None, typer.Option(help="The provider's message id of the one send given with --sent.")
+    ] = None,
+    release: Annotated[
+        list[int] | None,
+        typer.Option(
+            "--release",
+            metavar="ID",
+            help="Let the next calendar run send this unknown send once more (if still due); repeatable.",
+        ),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """List the sends whose outcome is unknown, or settle them: --sent ID or --release ID."""
+    sent, release = sent or [], release or []
+    if message_id is not None and len(sent) != 1:
+        raise fail("--message-id names the one send given with --sent")
+    both = sorted(set(sent) & set(release))
+    if both:
+        raise fail(f"send {', '.join(map(str, both))} cannot be both --sent and --release")
+    settings = load_settings()
+    now = dt.datetime.now(dt.UTC)
+    unknown: list[ledger.UnknownSend] = []
+    confirmed: list[int] = []
+    released: list[int] = []
+    try:
+        # One transaction: every id is checked before anything changes, so a typo changes nothing.
+        with database_sessions(settings) as sessions, sessions.begin() as session:
+            if sent:
+                confirmed = ledger.confirm_sent(session, sent, at=now, provider_message_id=message_id)
+            if release:
+                released = ledger.release(session, release, at=now)
+            if not sent and not release:
+                unknown = ledger.unknown_sends(session)
+    except (NurtureError, ledger.NotUnknown) as error:
+        raise fail(str(error)) from None
+    if sent or release:
+        if as_json:
+            typer.echo(json.dumps({"sent": confirmed, "released": released}))
+            return
+        if confirmed:
+            console.print(f"recorded as sent: {', '.join(map(str, confirmed))}")
+        if released:
+            console.print(
+                f"released: {', '.join(map(str, released))}; the next calendar run sends each once more"
+                " if it is still due then"
+            )
+        return
+    rows = [
+        {
+            "id": u.id,
+            "contact": u.contact,
+            "touch": u.touch,
+            "channel": u.channel,
+            "claimed_at": u.claimed_at.isoformat(),
+            "error": u.error,
+        }
+        for u in unknown
+    ]
+    if as_json:
+        typer.echo(json.dumps({"unknown": rows}))
+        return
+    if not rows:
+        console.print("no send has an unknown outcome")
+        return
+    table = Table("id", "contact", "touch", "channel", "claimed at", "error", title="unknown outcome")
+    for row in rows:
+        table.add_row(*(escape(str(row[name] or "")) for name in row))
+    console.print(table)
+    console.print(
+        "Find out from the provider whether each went out, then: nurture sends reconcile --sent ID"
+        " [--message-id ID] or --release ID",
+        soft_wrap=True,
     )

@@ -4,21 +4,24 @@ The key names one message: (touch, contact, occurrence). Its uniqueness in the d
 second send impossible, whatever crashes or runs concurrently: a claim inserts the key or finds it taken,
 in one statement. The channel is called only for keys this run claimed; the outcome is recorded after.
 A run killed between the two leaves ``claimed`` rows, which the next run settles (see ``calendar``).
+
+A send whose outcome nobody knows (``unknown``) waits for a person: ``confirm_sent`` records that it went
+out, ``release`` lets the next run try it once more (``nurture sends reconcile``).
 """
 
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import CursorResult, bindparam, select, update
+from sqlalchemy import CursorResult, String, bindparam, cast, func, literal, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from nurture.models import Channel, Send, SendCategory, SendStatus
+from nurture.models import Channel, Contact, Send, SendCategory, SendStatus
 
 
 def send_key(touch: str, contact_id: int, occurrence: str) -> str:
@@ -161,3 +164,99 @@ def mark_unknown(
     )
     result: CursorResult[Any] = session.execute(statement)  # type: ignore[assignment]
     return result.rowcount or 0
+
+
+# Reconciling unknown sends: a person says what became of them (``nurture sends reconcile``).
+
+RELEASED = ":released:"
+
+
+@dataclass(frozen=True, slots=True)
+class UnknownSend:
+    """A send whose outcome nobody knows: the provider may or may not have it."""
+
+    id: int
+    contact_id: int
+    contact: str  # the contact's external id
+    touch: str
+    channel: Channel | None
+    claimed_at: dt.datetime
+    error: str | None
+
+
+class NotUnknown(ValueError):
+    """Raised when a send asked to be reconciled does not exist or is not unknown; nothing was changed."""
+
+    def __init__(self, problems: Mapping[int, str]) -> None:
+        self.problems = dict(problems)
+        super().__init__("; ".join(f"send {send_id} {why}" for send_id, why in sorted(self.problems.items())))
+
+
+def unknown_sends(session: Session) -> list[UnknownSend]:
+    """Give every unknown send, oldest claim first."""
+    statement = (
+        select(Send.id, Send.contact_id, Contact.external_id, Send.touch, Send.channel)
+        .add_columns(Send.claimed_at, Send.error)
+        .join(Contact, Contact.id == Send.contact_id)
+        .where(Send.status == SendStatus.UNKNOWN)
+        .order_by(Send.claimed_at, Send.id)
+    )
+    return [UnknownSend(*row) for row in session.execute(statement)]
+
+
+def confirm_sent(
+    session: Session, ids: Collection[int], *, at: dt.datetime, provider_message_id: str | None = None
+) -> list[int]:
+    """Record unknown sends as sent, as a person found out: sent when claimed, the provider's id if given."""
+    _check_unknown(session, ids)
+    if provider_message_id is not None and len(ids) != 1:
+        raise ValueError("a provider message id names one send: give exactly one")
+    note = f"confirmed sent by a person at {at.isoformat()}; before: "
+    statement = (
+        update(Send)
+        .where(Send.id.in_(list(ids)), Send.status == SendStatus.UNKNOWN)
+        .values(
+            status=SendStatus.SENT,
+            sent_at=Send.claimed_at,
+            provider_message_id=func.coalesce(provider_message_id, Send.provider_message_id),
+            error=literal(note) + func.coalesce(Send.error, ""),
+        )
+        .returning(Send.id)
+    )
+    return sorted(session.scalars(statement))
+
+
+def release(session: Session, ids: Collection[int], *, at: dt.datetime) -> list[int]:
+    """Let the next calendar run send these unknown messages once more, if they are still due then.
+
+    The row stays, as ``failed`` with why, and gives up its key (``<key>:released:<id>``), so that the
+    message can be claimed afresh under its own key: one more try, recorded as a new send. Only an
+    ``unknown`` row can be released, so releasing twice, or releasing a send that went out, changes nothing.
+    """
+    _check_unknown(session, ids)
+    note = f"released for one more try by a person at {at.isoformat()}; before: "
+    statement = (
+        update(Send)
+        .where(Send.id.in_(list(ids)), Send.status == SendStatus.UNKNOWN)
+        .values(
+            status=SendStatus.FAILED,
+            key=Send.key + RELEASED + cast(Send.id, String),
+            error=literal(note) + func.coalesce(Send.error, ""),
+        )
+        .returning(Send.id)
+    )
+    return sorted(session.scalars(statement))
+
+
+def _check_unknown(session: Session, ids: Collection[int]) -> None:
+    """Raise ``NotUnknown`` unless every send in ``ids`` exists and is unknown."""
+    if not ids:
+        raise ValueError("no send ids given")
+    found = dict(session.execute(select(Send.id, Send.status).where(Send.id.in_(list(ids)))).all())
+    problems = {
+        send_id: "does not exist" if send_id not in found else f"is {found[send_id]}, not unknown"
+        for send_id in ids
+        if found.get(send_id) is not SendStatus.UNKNOWN
+    }
+    if problems:
+        raise NotUnknown(problems)

@@ -19,6 +19,8 @@ from jsonschema.protocols import Validator
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT4, DRAFT202012
 
+from nurture.settings import Settings
+
 SPECS = Path(__file__).parent / "specs"
 
 
@@ -93,14 +95,17 @@ class FakeProvider:
                     self.close_connection = True
                     return
                 payload = b"" if answer.body is None else json.dumps(answer.body).encode()
-                self.send_response(answer.status)
-                for name, value in answer.headers.items():
-                    self.send_header(name, value)
-                if payload:
-                    self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
+                try:
+                    self.send_response(answer.status)
+                    for name, value in answer.headers.items():
+                        self.send_header(name, value)
+                    if payload:
+                        self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                except (BrokenPipeError, ConnectionResetError):
+                    self.close_connection = True  # the client gave up waiting, as it may with a real provider
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass
@@ -168,6 +173,20 @@ def sendgrid() -> FakeProvider:
         return Answer(202, headers={"X-Message-Id": f"sg-{before + 1}"})
 
     return FakeProvider(sendgrid_contract(), lambda raw: json.loads(raw), accept)
+
+
+def sendgrid_settings(url: str, **values: Any) -> Settings:
+    """Give settings that send email through the fake SendGrid at ``url``, retrying quickly."""
+    defaults: dict[str, Any] = {
+        "email_channel": "sendgrid",
+        "sendgrid_api_key": "SG.test-key",
+        "sendgrid_base_url": url,
+        "email_from": "Luma Studio <hola@luma.example>",
+        "email_reply_to": "Front desk <desk@luma.example>",
+        "send_backoff_seconds": 0.01,
+        "send_timeout_seconds": 0.5,
+    }
+    return Settings(_env_file=None, **(defaults | values))  # type: ignore[call-arg]
 
 
 def sendgrid_error(status: int, message: str, field: str | None = None, **headers: str) -> Answer:

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import datetime as dt
-import shutil
 import socket
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from fake_providers import Answer, FakeProvider, sendgrid_contract, sendgrid_error
+from fake_providers import Answer, FakeProvider, sendgrid_contract, sendgrid_error, sendgrid_settings
 from sqlalchemy.orm import Session, sessionmaker
 
 from histories import Business, local, run
@@ -23,19 +22,6 @@ from nurture.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
 MADRID = "Europe/Madrid"
-
-
-def sendgrid_settings(url: str, **values: Any) -> Settings:
-    defaults: dict[str, Any] = {
-        "email_channel": "sendgrid",
-        "sendgrid_api_key": "SG.test-key",
-        "sendgrid_base_url": url,
-        "email_from": "Luma Studio <hola@luma.example>",
-        "email_reply_to": "Front desk <desk@luma.example>",
-        "send_backoff_seconds": 0.01,
-        "send_timeout_seconds": 0.5,
-    }
-    return Settings(_env_file=None, **(defaults | values))  # type: ignore[call-arg]
 
 
 def email(send_id: int, *, marketing: bool = True, to: str = "ana@example.com") -> OutgoingMessage:
@@ -255,38 +241,17 @@ def test_the_configured_rate_is_held_at_the_server_with_requests_in_flight_toget
 # Through the calendar.
 
 
-@pytest.fixture
-def calendar_settings(settings: Settings, tmp_path: Path, sendgrid_api: FakeProvider) -> Settings:
-    root = tmp_path / "templates"
-    shutil.copytree(REPO / "templates", root)
-    programme = root / "programme.yaml"
-    programme.write_text(programme.read_text().replace("holdout: 0.10", "holdout: 0"))
-    return settings.model_copy(
-        update=sendgrid_settings(sendgrid_api.url).model_dump(
-            include={
-                "email_channel",
-                "sendgrid_api_key",
-                "sendgrid_base_url",
-                "email_from",
-                "send_backoff_seconds",
-                "send_timeout_seconds",
-            }
-        )
-        | {"templates_dir": root, "send_batch_size": 2}
-    )
-
-
 def new_customers(business: Business, n: int) -> list[int]:
     return [business.contact(visits=[local(MADRID, 2026, 11, 22, 18, 0)]) for _ in range(n)]
 
 
 def test_the_calendar_sends_through_sendgrid_and_keeps_the_message_id(
-    calendar_settings: Settings, sessions: sessionmaker[Session], sendgrid_api: FakeProvider
+    sendgrid_calendar: Settings, sessions: sessionmaker[Session], sendgrid_api: FakeProvider
 ) -> None:
     business = Business(sessions)
     [lucia] = new_customers(business, 1)
 
-    summary = run(calendar_settings, local(MADRID, 2026, 11, 23, 10, 0), touches=["welcome"])
+    summary = run(sendgrid_calendar, local(MADRID, 2026, 11, 23, 10, 0), touches=["welcome"])
 
     assert summary.totals["sent"] == 1
     [send] = business.sends(lucia)
@@ -298,12 +263,12 @@ def test_the_calendar_sends_through_sendgrid_and_keeps_the_message_id(
 
 
 def test_an_unknown_send_is_listed_in_the_summary_and_not_resent_by_the_next_run(
-    calendar_settings: Settings, sessions: sessionmaker[Session], sendgrid_api: FakeProvider
+    sendgrid_calendar: Settings, sessions: sessionmaker[Session], sendgrid_api: FakeProvider
 ) -> None:
     business = Business(sessions)
     [lucia] = new_customers(business, 1)
     sendgrid_api.answer(Answer(202, delay=1.5))
-    settings = calendar_settings.model_copy(update={"send_timeout_seconds": 0.3})
+    settings = sendgrid_calendar.model_copy(update={"send_timeout_seconds": 0.3})
 
     first = run(settings, local(MADRID, 2026, 11, 23, 10, 0), touches=["welcome"])
     again = run(settings, local(MADRID, 2026, 11, 23, 14, 0), touches=["welcome"])
@@ -320,7 +285,7 @@ def test_an_unknown_send_is_listed_in_the_summary_and_not_resent_by_the_next_run
 
 
 def test_a_run_that_crashes_mid_batch_and_is_run_again_sends_nothing_twice(
-    calendar_settings: Settings,
+    sendgrid_calendar: Settings,
     sessions: sessionmaker[Session],
     sendgrid_api: FakeProvider,
     monkeypatch: pytest.MonkeyPatch,
@@ -339,12 +304,12 @@ def test_a_run_that_crashes_mid_batch_and_is_run_again_sends_nothing_twice(
 
     monkeypatch.setattr(ledger, "record", crash_on_the_second_batch)
     with pytest.raises(KeyboardInterrupt):
-        run(calendar_settings, local(MADRID, 2026, 11, 23, 10, 0), touches=["welcome"])
+        run(sendgrid_calendar, local(MADRID, 2026, 11, 23, 10, 0), touches=["welcome"])
     monkeypatch.setattr(ledger, "record", record)
     assert len(sendgrid_api.requests) == 4  # two batches of two went out; the third was never claimed
 
-    again = run(calendar_settings, local(MADRID, 2026, 11, 23, 10, 5), touches=["welcome"])
-    later = run(calendar_settings, local(MADRID, 2026, 11, 23, 12, 0), touches=["welcome"])
+    again = run(sendgrid_calendar, local(MADRID, 2026, 11, 23, 10, 5), touches=["welcome"])
+    later = run(sendgrid_calendar, local(MADRID, 2026, 11, 23, 12, 0), touches=["welcome"])
 
     recipients = [r.body["personalizations"][0]["to"][0]["email"] for r in sendgrid_api.requests]
     assert sorted(recipients) == sorted(f"c{i}@example.com" for i in range(1, 6))
