@@ -2,6 +2,7 @@
 
     GET  /u/{token}               a page confirming the unsubscribe, with a button
     POST /u/{token}               the button, and RFC 8058 one-click (``List-Unsubscribe=One-Click``)
+    POST /webhooks/sendgrid       SendGrid's Signed Event Webhook: delivery, opens, bounces, unsubscribes
 
 Every request is checked before anything is written (its size, then its signature or token, then its
 body) and then written in one short transaction: all of it or nothing. Database work runs in Starlette's
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Callable
+from typing import Any
 
 from jinja2 import Environment
 from sqlalchemy import select
@@ -20,17 +22,20 @@ from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, PlainTextResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from nurture import consent
-from nurture.errors import BadToken
+from nurture import consent, events
+from nurture.errors import BadToken, ConfigurationError
 from nurture.models import Contact
 from nurture.settings import Settings
 from nurture.tokens import UnsubscribeToken, read_unsubscribe_token
 
 Clock = Callable[[], dt.datetime]
+
+SENDGRID_SIGNATURE = "X-Twilio-Email-Event-Webhook-Signature"
+SENDGRID_TIMESTAMP = "X-Twilio-Email-Event-Webhook-Timestamp"
 
 # The token is in the URL: keep it out of Referer headers, caches and search engines.
 _PAGE_HEADERS = {
@@ -127,12 +132,67 @@ def create_app(settings: Settings, sessions: sessionmaker[Session], *, clock: Cl
             raise HTTPException(404)
         return _page(settings, token, locale, done=True)
 
+    sendgrid_verifier = _sendgrid_verifier(settings)
+
+    def record_email_events(parsed: list[events.EmailEvent]) -> events.Recorded:
+        with sessions.begin() as session:
+            return events.record_email_events(session, parsed, at=now())
+
+    async def sendgrid_webhook(request: Request) -> Response:
+        if sendgrid_verifier is None:
+            raise HTTPException(
+                503, "NURTURE_SENDGRID_WEBHOOK_PUBLIC_KEY is not set: events cannot be verified"
+            )
+        body = await request.body()
+        signature = request.headers.get(SENDGRID_SIGNATURE)
+        timestamp = request.headers.get(SENDGRID_TIMESTAMP)
+        if not signature or not timestamp:
+            raise HTTPException(403, f"{SENDGRID_SIGNATURE} and {SENDGRID_TIMESTAMP} are required")
+        if (
+            not (timestamp.isascii() and timestamp.isdigit())
+            or abs(now().timestamp() - int(timestamp)) > settings.webhook_tolerance_seconds
+        ):
+            raise HTTPException(403, f"{SENDGRID_TIMESTAMP} is not within the tolerance of now")
+        try:
+            payload = body.decode("utf-8")
+        except UnicodeDecodeError:
+            raise HTTPException(400, "body is not UTF-8") from None
+        try:
+            verified = sendgrid_verifier.verify_signature(payload, signature, timestamp)
+        except ValueError:  # a signature that is not base64 at all
+            verified = False
+        if not verified:
+            raise HTTPException(403, "signature does not match the body and timestamp")
+        try:
+            parsed = events.parse_sendgrid(payload)
+        except events.MalformedEvents as exc:
+            raise HTTPException(400, str(exc)) from None
+        recorded = await run_in_threadpool(record_email_events, parsed)
+        return JSONResponse(recorded.as_dict())
+
     routes = [
         Route("/u/{token}", unsubscribe_page, methods=["GET"]),
         Route("/u/{token}", unsubscribe_post, methods=["POST"]),
+        Route("/webhooks/sendgrid", sendgrid_webhook, methods=["POST"]),
     ]
     app = Starlette(routes=routes, exception_handlers={HTTPException: _plain_error})
     return BodyLimit(app, settings.max_body_bytes)
+
+
+def _sendgrid_verifier(settings: Settings) -> Any:
+    """SendGrid's own verifier for the configured key, or None when no key is set."""
+    key = settings.sendgrid_webhook_public_key
+    if not key:
+        return None
+    from sendgrid.helpers.eventwebhook import EventWebhook
+
+    try:
+        return EventWebhook(key.strip())
+    except ValueError as exc:
+        raise ConfigurationError(
+            f"not a SendGrid verification key (base64 of an ECDSA public key): {exc}",
+            setting="sendgrid_webhook_public_key",
+        ) from None
 
 
 def _page(settings: Settings, token: UnsubscribeToken, locale: str, *, done: bool) -> HTMLResponse:

@@ -1,0 +1,289 @@
+"""Provider events: what SendGrid and Twilio tell nurture about its sends, once each.
+
+Each event is recorded in ``send_events`` under the provider's own id for it, so that a webhook the
+provider repeats writes nothing twice and acts once. What an event does besides being recorded:
+
+- a final delivery answer (delivered, bounced, dropped; Twilio's delivered, undelivered, failed) is kept on
+  the send as ``delivery``; the send's ``status`` stays what the channel answered when it was sent;
+- a bounce or a spam report puts the address in ``email_suppressions`` and revokes the email consent of
+  every contact with that address; an unsubscribe revokes it too, so the next calendar run sends nothing
+  there;
+- an event about a send this database does not know is recorded without one and counted.
+
+The functions take a ``Session`` and write nothing when they raise.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+from sqlalchemy import Table, bindparam, or_, select, update
+from sqlalchemy.orm import Session
+
+from nurture import consent, db
+from nurture.channels.sendgrid import SEND_ID_ARG
+from nurture.models import Channel, Contact, Delivery, EmailSuppression, Provider, Send, SendEvent
+
+SENDGRID_EVENTS = frozenset(
+    {
+        "processed",
+        "delivered",
+        "open",
+        "click",
+        "bounce",
+        "dropped",
+        "deferred",
+        "spamreport",
+        "unsubscribe",
+        "group_unsubscribe",
+    }
+)
+_SENDGRID_DELIVERY = {
+    "delivered": Delivery.DELIVERED,
+    "bounce": Delivery.BOUNCED,
+    "dropped": Delivery.DROPPED,
+}
+_SUPPRESSING = frozenset({"bounce", "spamreport"})
+_UNSUBSCRIBING = frozenset({"bounce", "spamreport", "unsubscribe", "group_unsubscribe"})
+
+
+class MalformedEvents(ValueError):
+    """Raised when a webhook body is not what the provider sends; names the event and field."""
+
+
+@dataclass(frozen=True, slots=True)
+class EmailEvent:
+    """One SendGrid event, read from the webhook's JSON."""
+
+    dedupe_key: str
+    event: str
+    email: str | None
+    send_id: int | None  # as the event carries it: may name no send this database has
+    occurred_at: dt.datetime
+    reason: str | None
+    bounce_type: str | None  # "bounce" (permanent) or "blocked" (the receiving server refused for now)
+    payload: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Recorded:
+    """What a webhook request did: events new to nurture, repeats, and the rest."""
+
+    received: int
+    recorded: int
+    repeated: int
+    unknown_sends: int  # recorded without a send: nurture does not know the message
+    ignored: int  # event types nurture does not keep
+
+    def as_dict(self) -> dict[str, int]:
+        """Give the counts as a JSON-ready dict."""
+        return {
+            "received": self.received,
+            "recorded": self.recorded,
+            "repeated": self.repeated,
+            "unknown_sends": self.unknown_sends,
+            "ignored": self.ignored,
+        }
+
+
+def parse_sendgrid(body: str) -> list[EmailEvent]:
+    """Read the Event Webhook's body (a JSON array of events); raise ``MalformedEvents`` naming the field."""
+    try:
+        raw = json.loads(body)
+    except ValueError as exc:
+        raise MalformedEvents(f"body is not JSON: {exc}") from None
+    if not isinstance(raw, list):
+        raise MalformedEvents("body is not a JSON array of events")
+    events = []
+    for index, item in enumerate(raw):
+        where = f"event {index}"
+        if not isinstance(item, dict):
+            raise MalformedEvents(f"{where}: not a JSON object")
+        name = item.get("event")
+        if not isinstance(name, str) or not name:
+            raise MalformedEvents(f"{where}: event: missing")
+        timestamp = item.get("timestamp")
+        if not isinstance(timestamp, int | float) or isinstance(timestamp, bool):
+            raise MalformedEvents(f"{where}: timestamp: not a Unix time")
+        try:
+            occurred_at = dt.datetime.fromtimestamp(timestamp, dt.UTC)
+        except (OverflowError, OSError, ValueError):
+            raise MalformedEvents(f"{where}: timestamp: out of range") from None
+        email = item.get("email")
+        if email is not None and not isinstance(email, str):
+            raise MalformedEvents(f"{where}: email: not a string")
+        event_id = item.get("sg_event_id")
+        if event_id is not None and not isinstance(event_id, str):
+            raise MalformedEvents(f"{where}: sg_event_id: not a string")
+        # Without SendGrid's id, the event's own content identifies it: a repeat has the same bytes.
+        key = event_id or hashlib.sha256(json.dumps(item, sort_keys=True).encode()).hexdigest()
+        events.append(
+            EmailEvent(
+                dedupe_key=f"sendgrid:{key}",
+                event=name,
+                email=email,
+                send_id=_send_id(item.get(SEND_ID_ARG)),
+                occurred_at=occurred_at,
+                reason=_text(item.get("reason")) or _text(item.get("response")),
+                bounce_type=_text(item.get("type")),
+                payload=item,
+            )
+        )
+    return events
+
+
+def _send_id(value: Any) -> int | None:
+    """Read a send id from custom_args, where SendGrid keeps every value a string."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 18:
+        return int(value)
+    return None
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def record_email_events(session: Session, events: Sequence[EmailEvent], *, at: dt.datetime) -> Recorded:
+    """Record SendGrid's events once each and act on the new ones (delivery, suppression, consent)."""
+    kept: dict[str, EmailEvent] = {}
+    for event in events:
+        if event.event in SENDGRID_EVENTS:
+            kept.setdefault(event.dedupe_key, event)
+    ignored = len(events) - sum(1 for e in events if e.event in SENDGRID_EVENTS)
+    known = _known_sends(session, {e.send_id for e in kept.values() if e.send_id is not None})
+    new_keys = _insert_events(
+        session,
+        [
+            {
+                "send_id": event.send_id if event.send_id in known else None,
+                "provider": Provider.SENDGRID,
+                "event": event.event[:32],
+                "dedupe_key": event.dedupe_key,
+                "occurred_at": event.occurred_at,
+                "received_at": at,
+                "payload": event.payload,
+            }
+            for event in kept.values()
+        ],
+    )
+    new = [kept[key] for key in kept if key in new_keys]
+    _record_delivery(
+        session,
+        [
+            (e.send_id, _SENDGRID_DELIVERY[e.event], e.reason, e.occurred_at)
+            for e in new
+            if e.send_id in known and e.event in _SENDGRID_DELIVERY
+        ],
+    )
+    suppressed = {
+        e.email.lower(): e.event
+        for e in new
+        if e.email and e.event in _SUPPRESSING and (e.event != "bounce" or e.bounce_type != "blocked")
+    }
+    suppress(session, suppressed, at=at)
+    by_source: dict[str, set[int]] = defaultdict(set)
+    addresses: dict[str, set[str]] = defaultdict(set)
+    for e in new:
+        if e.event not in _UNSUBSCRIBING or (e.event == "bounce" and e.bounce_type == "blocked"):
+            continue
+        if e.send_id in known:
+            by_source[e.event].add(known[e.send_id])
+        if e.email:
+            addresses[e.event].add(e.email)
+    for name, found in addresses.items():
+        by_source[name] |= contacts_with_email(session, found)
+    for name, contact_ids in sorted(by_source.items()):
+        consent.revoke(session, [(c, Channel.EMAIL) for c in contact_ids], at=at, source=f"sendgrid {name}")
+    return Recorded(
+        received=len(events),
+        recorded=len(new),
+        repeated=len(kept) - len(new),
+        unknown_sends=sum(1 for e in new if e.send_id not in known),
+        ignored=ignored,
+    )
+
+
+def suppress(session: Session, addresses: dict[str, str], *, at: dt.datetime) -> None:
+    """Add each address (lowercased) to the suppression list with its reason; one already there stays."""
+    if not addresses:
+        return
+    session.execute(
+        db.insert_new(session, EmailSuppression, unique=("address",)),
+        [
+            {"address": address, "reason": reason, "suppressed_at": at}
+            for address, reason in sorted(addresses.items())
+        ],
+    )
+
+
+def suppressed(session: Session, addresses: Iterable[str]) -> set[str]:
+    """Give those of ``addresses`` (compared lowercased) that are on the suppression list, lowercased."""
+    wanted = sorted({address.lower() for address in addresses})
+    found: set[str] = set()
+    for start in range(0, len(wanted), 10_000):
+        chunk = wanted[start : start + 10_000]
+        found.update(
+            session.scalars(select(EmailSuppression.address).where(EmailSuppression.address.in_(chunk)))
+        )
+    return found
+
+
+def contacts_with_email(session: Session, addresses: Iterable[str]) -> set[int]:
+    """Give the contacts whose email is one of ``addresses``, as written or lowercased."""
+    variants = sorted({v for address in addresses for v in (address, address.lower())})
+    if not variants:
+        return set()
+    return set(session.scalars(select(Contact.id).where(Contact.email.in_(variants))))
+
+
+def _known_sends(session: Session, ids: set[int]) -> dict[int, int]:
+    """Give, for those of ``ids`` that are sends, their contact."""
+    if not ids:
+        return {}
+    rows = session.execute(select(Send.id, Send.contact_id).where(Send.id.in_(sorted(ids))))
+    return {send_id: contact_id for send_id, contact_id in rows}
+
+
+def _insert_events(session: Session, rows: list[dict[str, Any]]) -> set[str]:
+    """Insert the events not recorded yet; give their dedupe keys."""
+    if not rows:
+        return set()
+    statement = db.insert_new(session, SendEvent, unique=("dedupe_key",)).returning(SendEvent.dedupe_key)
+    return set(session.scalars(statement, rows))
+
+
+def _record_delivery(
+    session: Session, answers: Iterable[tuple[int | None, Delivery, str | None, dt.datetime]]
+) -> None:
+    """Keep each send's latest final delivery answer; an older one arriving late changes nothing."""
+    latest: dict[int, tuple[Delivery, str | None, dt.datetime]] = {}
+    for send_id, delivery, error, occurred_at in answers:
+        if send_id is None:
+            continue
+        if send_id not in latest or latest[send_id][2] <= occurred_at:
+            latest[send_id] = (delivery, error, occurred_at)
+    if not latest:
+        return
+    table = cast(Table, Send.__table__)
+    session.execute(
+        update(table)
+        .where(
+            table.c.id == bindparam("send"),
+            or_(table.c.delivery_at.is_(None), table.c.delivery_at <= bindparam("occurred")),
+        )
+        .values(
+            delivery=bindparam("answer"), delivery_error=bindparam("why"), delivery_at=bindparam("occurred")
+        ),
+        [
+            {"send": send_id, "answer": delivery, "why": error, "occurred": occurred_at}
+            for send_id, (delivery, error, occurred_at) in sorted(latest.items())
+        ],
+    )
