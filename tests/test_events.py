@@ -15,9 +15,11 @@ import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from pydantic import SecretStr
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.testclient import TestClient
+from twilio.request_validator import RequestValidator
 
 from histories import Business, local, run
 from nurture.models import (
@@ -27,13 +29,15 @@ from nurture.models import (
     ConsentStatus,
     Delivery,
     EmailSuppression,
+    InboundKind,
+    InboundMessage,
     Send,
     SendCategory,
     SendEvent,
     SendStatus,
 )
 from nurture.settings import Settings
-from nurture.web import SENDGRID_SIGNATURE, SENDGRID_TIMESTAMP, create_app
+from nurture.web import SENDGRID_SIGNATURE, SENDGRID_TIMESTAMP, TWILIO_SIGNATURE, create_app
 
 REPO = Path(__file__).resolve().parent.parent
 MADRID = "Europe/Madrid"
@@ -375,3 +379,277 @@ def test_the_next_calendar_run_sends_nothing_to_a_bounced_address(
     ]
     assert summary["suppressed_consent"] == 1
     assert bounced != fine
+
+
+# Twilio
+
+
+TOKEN = "twilio-test-auth-token-0123456789"
+PHONE = "+34612345678"
+
+
+def twilio_post(
+    client: TestClient, settings: Settings, path: str, form: dict[str, str], **options: Any
+) -> Any:
+    """POST a form signed as Twilio does: the public URL and the sorted parameters, under the auth token."""
+    signature = RequestValidator(TOKEN).compute_signature(f"{settings.public_url}{path}", form)
+    headers = {TWILIO_SIGNATURE: options.pop("signature", signature)}
+    return client.post(path, data=form, headers=headers)
+
+
+@pytest.fixture
+def twilio(settings: Settings, sessions: sessionmaker[Session]) -> Iterator[tuple[TestClient, Settings]]:
+    configured = settings.model_copy(
+        update={"twilio_auth_token": SecretStr(TOKEN), "public_url": "https://hooks.salon.example"}
+    )
+    with TestClient(create_app(configured, sessions)) as client:
+        yield client, configured
+
+
+def inbound(sid: str, text: str, sender: str = PHONE) -> dict[str, str]:
+    return {
+        "MessageSid": sid,
+        "AccountSid": "AC" + "0" * 32,
+        "From": sender,
+        "To": "+34900000000",
+        "Body": text,
+    }
+
+
+def inbound_rows(sessions: sessionmaker[Session]) -> list[tuple[str, int | None, int | None, InboundKind]]:
+    with sessions() as session:
+        rows = session.execute(
+            select(
+                InboundMessage.body, InboundMessage.contact_id, InboundMessage.send_id, InboundMessage.kind
+            ).order_by(InboundMessage.id)
+        )
+        return [tuple(row) for row in rows]  # type: ignore[misc]
+
+
+def test_status_callbacks_record_each_status_once_and_keep_the_final_answer_on_the_send(
+    twilio: tuple[TestClient, Settings], sessions: sessionmaker[Session], business: Business
+) -> None:
+    client, settings = twilio
+    lucia = business.contact(phone=PHONE, consent=[Channel.SMS])
+    pedro = business.contact(phone="+34611111111", consent=[Channel.SMS])
+    delivered = a_send(sessions, lucia, Channel.SMS, provider_id="SM" + "1" * 32)
+    failed = a_send(sessions, pedro, Channel.SMS, provider_id="SM" + "2" * 32)
+    path = "/webhooks/twilio/status"
+
+    answers = [
+        twilio_post(client, settings, path, {"MessageSid": "SM" + "1" * 32, "MessageStatus": "sent"}),
+        twilio_post(client, settings, path, {"MessageSid": "SM" + "1" * 32, "MessageStatus": "delivered"}),
+        twilio_post(client, settings, path, {"MessageSid": "SM" + "1" * 32, "MessageStatus": "delivered"}),
+        twilio_post(
+            client,
+            settings,
+            path,
+            {"MessageSid": "SM" + "2" * 32, "MessageStatus": "undelivered", "ErrorCode": "30003"},
+        ),
+        twilio_post(client, settings, path, {"MessageSid": "SM" + "9" * 32, "MessageStatus": "delivered"}),
+    ]
+
+    assert [a.status_code for a in answers] == [200] * 5
+    assert [a.json()["recorded"] for a in answers] == [1, 1, 0, 1, 1]
+    assert answers[4].json()["unknown_sends"] == 1
+    assert recorded_events(sessions) == [
+        (delivered, "sent"),
+        (delivered, "delivered"),
+        (failed, "undelivered"),
+        (None, "delivered"),
+    ]
+    with sessions() as session:
+        one, two = session.get_one(Send, delivered), session.get_one(Send, failed)
+    assert (one.status, one.delivery, one.delivery_error) == (SendStatus.SENT, Delivery.DELIVERED, None)
+    # The channel said sent; the carrier could not deliver: both stay on record.
+    assert (two.status, two.delivery, two.delivery_error) == (SendStatus.SENT, Delivery.UNDELIVERED, "30003")
+
+
+def test_a_status_callback_with_twilios_opted_out_error_revokes_sms_consent(
+    twilio: tuple[TestClient, Settings], sessions: sessionmaker[Session], business: Business
+) -> None:
+    client, settings = twilio
+    lucia = business.contact(phone=PHONE, consent=[Channel.EMAIL, Channel.SMS])
+    a_send(sessions, lucia, Channel.SMS, provider_id="SM" + "1" * 32)
+    form = {"MessageSid": "SM" + "1" * 32, "MessageStatus": "failed", "ErrorCode": "21610"}
+
+    assert twilio_post(client, settings, "/webhooks/twilio/status", form).status_code == 200
+
+    assert consent_of(sessions, lucia) == {
+        Channel.EMAIL: ConsentStatus.GRANTED,
+        Channel.SMS: ConsentStatus.REVOKED,
+    }
+
+
+@pytest.mark.parametrize("path", ["/webhooks/twilio/status", "/webhooks/twilio/inbound"])
+@pytest.mark.parametrize("tamper", ["missing", "wrong token", "form changed", "other url"])
+def test_a_twilio_request_with_a_bad_or_missing_signature_gets_403_and_writes_nothing(
+    twilio: tuple[TestClient, Settings],
+    sessions: sessionmaker[Session],
+    business: Business,
+    path: str,
+    tamper: str,
+) -> None:
+    client, settings = twilio
+    lucia = business.contact(phone=PHONE, consent=[Channel.SMS])
+    a_send(sessions, lucia, Channel.SMS, provider_id="SM" + "1" * 32)
+    form = {**inbound("SM" + "1" * 32, "STOP"), "MessageStatus": "failed", "ErrorCode": "21610"}
+    url = f"{settings.public_url}{path}"
+    signature = {
+        "missing": "",
+        "wrong token": RequestValidator("another token").compute_signature(url, form),
+        "form changed": RequestValidator(TOKEN).compute_signature(url, {**form, "Body": "hello"}),
+        "other url": RequestValidator(TOKEN).compute_signature(f"http://testserver{path}", form),
+    }[tamper]
+
+    answer = twilio_post(client, settings, path, form, signature=signature)
+
+    assert answer.status_code == 403
+    assert written(sessions) == (0, 0, 0)
+    assert inbound_rows(sessions) == []
+    assert consent_of(sessions, lucia) == {Channel.SMS: ConsentStatus.GRANTED}
+
+
+@pytest.mark.parametrize(
+    "word",
+    [
+        "STOP",
+        "stop",
+        " Stop ",
+        "STOPALL",
+        "unsubscribe",
+        "CANCEL",
+        "End",
+        "quit",
+        "REVOKE",
+        "optout",
+        "\tSTOP\n",
+    ],
+)
+def test_every_opt_out_word_in_any_case_revokes_sms_consent_of_everyone_on_that_number(
+    twilio: tuple[TestClient, Settings], sessions: sessionmaker[Session], business: Business, word: str
+) -> None:
+    client, settings = twilio
+    lucia = business.contact(phone=PHONE, consent=[Channel.EMAIL, Channel.SMS])
+    shared = business.contact(phone=PHONE, consent=[Channel.SMS])  # a family sharing a phone
+    other = business.contact(phone="+34611111111", consent=[Channel.SMS])
+
+    answer = twilio_post(client, settings, "/webhooks/twilio/inbound", inbound("SM" + "5" * 32, word))
+
+    assert answer.status_code == 200
+    assert answer.headers["content-type"].startswith("application/xml")
+    assert "<Message>" not in answer.text  # Twilio's Advanced Opt-Out answers opt-outs itself
+    assert consent_of(sessions, lucia) == {
+        Channel.EMAIL: ConsentStatus.GRANTED,
+        Channel.SMS: ConsentStatus.REVOKED,
+    }
+    assert consent_of(sessions, shared) == {Channel.SMS: ConsentStatus.REVOKED}
+    assert consent_of(sessions, other) == {Channel.SMS: ConsentStatus.GRANTED}
+    assert [row[3] for row in inbound_rows(sessions)] == [InboundKind.OPT_OUT]
+
+
+@pytest.mark.parametrize("word", ["START", "yes", " Unstop "])
+def test_start_yes_and_unstop_restore_sms_consent_that_stop_revoked(
+    twilio: tuple[TestClient, Settings], sessions: sessionmaker[Session], business: Business, word: str
+) -> None:
+    client, settings = twilio
+    lucia = business.contact(phone=PHONE, consent=[Channel.SMS])
+    never_agreed = business.contact(phone=PHONE, consent=[])
+    path = "/webhooks/twilio/inbound"
+    twilio_post(client, settings, path, inbound("SM" + "1" * 32, "STOP"))
+    assert consent_of(sessions, lucia) == {Channel.SMS: ConsentStatus.REVOKED}
+
+    assert twilio_post(client, settings, path, inbound("SM" + "2" * 32, word)).status_code == 200
+
+    assert consent_of(sessions, lucia) == {Channel.SMS: ConsentStatus.GRANTED}
+    assert consent_of(sessions, never_agreed) == {}  # a text does not sign up someone who never agreed
+    with sessions() as session:
+        sources = list(session.scalars(select(ConsentEvent.source).order_by(ConsentEvent.id)))
+    assert sources == ["sms STOP", f"sms {word.strip().upper()}"]
+
+
+@pytest.mark.parametrize("word", ["HELP", "help", " Info "])
+def test_help_and_info_get_the_help_reply_and_change_nothing(
+    twilio: tuple[TestClient, Settings], sessions: sessionmaker[Session], business: Business, word: str
+) -> None:
+    client, settings = twilio
+    lucia = business.contact(phone=PHONE, consent=[Channel.SMS])
+
+    answer = twilio_post(client, settings, "/webhooks/twilio/inbound", inbound("SM" + "1" * 32, word))
+
+    assert answer.status_code == 200
+    assert answer.text == (
+        '<?xml version="1.0" encoding="UTF-8"?><Response><Message>Luma Studio: appointment news and offers.'
+        " Reply STOP to unsubscribe. Help: +1 555 0100</Message></Response>"
+    )
+    assert consent_of(sessions, lucia) == {Channel.SMS: ConsentStatus.GRANTED}
+
+
+def test_anything_else_is_kept_once_as_a_reply_to_the_contacts_last_sms(
+    twilio: tuple[TestClient, Settings], sessions: sessionmaker[Session], business: Business
+) -> None:
+    client, settings = twilio
+    lucia = business.contact(phone=PHONE, consent=[Channel.SMS])
+    first = a_send(sessions, lucia, Channel.SMS, provider_id="SM" + "1" * 32)
+    with sessions.begin() as session:
+        later = Send(
+            key=f"birthday:{lucia}:2026",
+            contact_id=lucia,
+            touch="birthday",
+            occurrence="2026",
+            category=SendCategory.MARKETING,
+            status=SendStatus.SENT,
+            channel=Channel.SMS,
+            due_at=SENT_AT,
+            claimed_at=SENT_AT,
+            sent_at=SENT_AT + dt.timedelta(days=1),
+        )
+        session.add(later)
+        session.flush()
+        last = later.id
+    path = "/webhooks/twilio/inbound"
+    reply = inbound("SM" + "7" * 32, "Stop sending me birthday wishes please")
+
+    assert twilio_post(client, settings, path, reply).text == (
+        '<?xml version="1.0" encoding="UTF-8"?><Response />'
+    )
+    twilio_post(client, settings, path, reply)  # Twilio retried: kept once
+    twilio_post(client, settings, path, inbound("SM" + "8" * 32, "who is this?", sender="+34699999999"))
+
+    assert inbound_rows(sessions) == [
+        ("Stop sending me birthday wishes please", lucia, last, InboundKind.REPLY),
+        ("who is this?", None, None, InboundKind.REPLY),
+    ]
+    assert first != last
+    assert consent_of(sessions, lucia) == {Channel.SMS: ConsentStatus.GRANTED}
+
+
+def test_twilio_webhooks_refuse_a_missing_field_or_a_missing_auth_token(
+    twilio: tuple[TestClient, Settings], settings: Settings, sessions: sessionmaker[Session]
+) -> None:
+    client, configured = twilio
+    path = "/webhooks/twilio/status"
+    missing = twilio_post(client, configured, path, {"MessageSid": "SM" + "1" * 32})
+    assert (missing.status_code, missing.text) == (400, "MessageStatus: missing\n")
+    with TestClient(create_app(settings.model_copy(update={"twilio_auth_token": None}), sessions)) as bare:
+        refused = twilio_post(bare, settings, path, {"MessageSid": "SM1", "MessageStatus": "sent"})
+    assert refused.status_code == 503
+    assert written(sessions) == (0, 0, 0)
+
+
+def test_the_next_calendar_run_sends_no_sms_after_stop(
+    twilio: tuple[TestClient, Settings], sessions: sessionmaker[Session], business: Business
+) -> None:
+    client, settings = twilio
+    yesterday = local(MADRID, 2026, 11, 22, 12, 0)
+    lucia = business.contact(phone=PHONE, email=None, consent=[Channel.SMS], visits=[yesterday])
+    fine = business.contact(phone="+34611111111", email=None, consent=[Channel.SMS], visits=[yesterday])
+    twilio_post(client, settings, "/webhooks/twilio/inbound", inbound("SM" + "1" * 32, "stop"))
+
+    summary = run(settings, local(MADRID, 2026, 11, 23, 10, 0), touches=["welcome"]).as_dict()
+
+    assert [(s.contact_id, s.channel, s.status) for s in business.sends()] == [
+        (fine, Channel.SMS, SendStatus.SENT)
+    ]
+    assert summary["suppressed_consent"] == 1
+    assert lucia != fine

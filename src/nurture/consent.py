@@ -3,8 +3,9 @@
 ``consents`` holds the current answer per (contact, channel); ``consent_events`` keeps every change,
 forever, with when and where it came from (an import, an unsubscribe link, a STOP reply, a provider's
 opt-out error). A contact can also leave one topic (a touch) and keep the rest: ``topic_unsubscribes``.
-A change that changes nothing (a second click on the same unsubscribe link, SendGrid
-repeating an event) writes nothing, so that the history holds only real changes.
+An address that bounced or reported spam is suppressed (``email_suppressions``). A change that changes
+nothing (a second click on the same unsubscribe link, SendGrid repeating an event) writes nothing, so
+that the history holds only real changes.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from sqlalchemy import insert, select, tuple_, update
 from sqlalchemy.orm import Session
 
 from nurture import db
-from nurture.models import Channel, Consent, ConsentEvent, ConsentStatus, TopicUnsubscribe
+from nurture.models import Channel, Consent, ConsentEvent, ConsentStatus, EmailSuppression, TopicUnsubscribe
 from nurture.tokens import UnsubscribeToken
 
 
@@ -101,3 +102,28 @@ def unsubscribe(session: Session, token: UnsubscribeToken, *, at: dt.datetime, s
         return revoke(session, [(token.contact_id, token.channel)], at=at, source=source) > 0
     assert token.topic is not None
     return unsubscribe_topics(session, [(token.contact_id, token.topic)], at=at, source=source) > 0
+
+
+def suppress(session: Session, addresses: dict[str, str], *, at: dt.datetime) -> None:
+    """Add each address (lowercased) to the suppression list with its reason; one already there stays."""
+    if not addresses:
+        return
+    session.execute(
+        db.insert_new(session, EmailSuppression, unique=("address",)),
+        [
+            {"address": address, "reason": reason, "suppressed_at": at}
+            for address, reason in sorted(addresses.items())
+        ],
+    )
+
+
+def suppressed(session: Session, addresses: Iterable[str]) -> set[str]:
+    """Give those of ``addresses`` (compared lowercased) that are on the suppression list, lowercased."""
+    wanted = sorted({address.lower() for address in addresses})
+    found: set[str] = set()
+    for start in range(0, len(wanted), 10_000):
+        chunk = wanted[start : start + 10_000]
+        found.update(
+            session.scalars(select(EmailSuppression.address).where(EmailSuppression.address.in_(chunk)))
+        )
+    return found

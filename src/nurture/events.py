@@ -8,7 +8,9 @@ provider repeats writes nothing twice and acts once. What an event does besides 
 - a bounce or a spam report puts the address in ``email_suppressions`` and revokes the email consent of
   every contact with that address; an unsubscribe revokes it too, so the next calendar run sends nothing
   there;
-- an event about a send this database does not know is recorded without one and counted.
+- an event about a send this database does not know is recorded without one and counted;
+- an SMS a contact sends is kept once (by Twilio's MessageSid): an opt-out word revokes SMS consent of every
+  contact with that number, an opt-in word restores it, anything else is a reply to their last SMS.
 
 The functions take a ``Session`` and write nothing when they raise.
 """
@@ -28,7 +30,18 @@ from sqlalchemy.orm import Session
 
 from nurture import consent, db
 from nurture.channels.sendgrid import SEND_ID_ARG
-from nurture.models import Channel, Contact, Delivery, EmailSuppression, Provider, Send, SendEvent
+from nurture.models import (
+    Channel,
+    Consent,
+    Contact,
+    Delivery,
+    InboundKind,
+    InboundMessage,
+    Provider,
+    Send,
+    SendEvent,
+    SendStatus,
+)
 
 SENDGRID_EVENTS = frozenset(
     {
@@ -51,6 +64,18 @@ _SENDGRID_DELIVERY = {
 }
 _SUPPRESSING = frozenset({"bounce", "spamreport"})
 _UNSUBSCRIBING = frozenset({"bounce", "spamreport", "unsubscribe", "group_unsubscribe"})
+
+
+# Twilio's own keywords (Advanced Opt-Out's defaults): the whole message, any case, spaces around.
+OPT_OUT_WORDS = frozenset({"STOP", "STOPALL", "UNSUBSCRIBE", "CANCEL", "END", "QUIT", "REVOKE", "OPTOUT"})
+OPT_IN_WORDS = frozenset({"START", "YES", "UNSTOP"})
+HELP_WORDS = frozenset({"HELP", "INFO"})
+_TWILIO_DELIVERY = {
+    "delivered": Delivery.DELIVERED,
+    "undelivered": Delivery.UNDELIVERED,
+    "failed": Delivery.FAILED,
+}
+OPTED_OUT_ERROR = "21610"  # Twilio: the recipient replied STOP; no message reaches them
 
 
 class MalformedEvents(ValueError):
@@ -188,7 +213,7 @@ def record_email_events(session: Session, events: Sequence[EmailEvent], *, at: d
         for e in new
         if e.email and e.event in _SUPPRESSING and (e.event != "bounce" or e.bounce_type != "blocked")
     }
-    suppress(session, suppressed, at=at)
+    consent.suppress(session, suppressed, at=at)
     by_source: dict[str, set[int]] = defaultdict(set)
     addresses: dict[str, set[str]] = defaultdict(set)
     for e in new:
@@ -209,31 +234,6 @@ def record_email_events(session: Session, events: Sequence[EmailEvent], *, at: d
         unknown_sends=sum(1 for e in new if e.send_id not in known),
         ignored=ignored,
     )
-
-
-def suppress(session: Session, addresses: dict[str, str], *, at: dt.datetime) -> None:
-    """Add each address (lowercased) to the suppression list with its reason; one already there stays."""
-    if not addresses:
-        return
-    session.execute(
-        db.insert_new(session, EmailSuppression, unique=("address",)),
-        [
-            {"address": address, "reason": reason, "suppressed_at": at}
-            for address, reason in sorted(addresses.items())
-        ],
-    )
-
-
-def suppressed(session: Session, addresses: Iterable[str]) -> set[str]:
-    """Give those of ``addresses`` (compared lowercased) that are on the suppression list, lowercased."""
-    wanted = sorted({address.lower() for address in addresses})
-    found: set[str] = set()
-    for start in range(0, len(wanted), 10_000):
-        chunk = wanted[start : start + 10_000]
-        found.update(
-            session.scalars(select(EmailSuppression.address).where(EmailSuppression.address.in_(chunk)))
-        )
-    return found
 
 
 def contacts_with_email(session: Session, addresses: Iterable[str]) -> set[int]:
@@ -287,3 +287,122 @@ def _record_delivery(
             for send_id, (delivery, error, occurred_at) in sorted(latest.items())
         ],
     )
+
+
+def inbound_kind(body: str) -> InboundKind:
+    """Tell what an inbound SMS asks for: the whole message is one keyword, or it is a reply."""
+    word = body.strip().upper()
+    if word in OPT_OUT_WORDS:
+        return InboundKind.OPT_OUT
+    if word in OPT_IN_WORDS:
+        return InboundKind.OPT_IN
+    if word in HELP_WORDS:
+        return InboundKind.HELP
+    return InboundKind.REPLY
+
+
+def record_sms_status(
+    session: Session,
+    *,
+    message_sid: str,
+    status: str,
+    error_code: str | None,
+    payload: dict[str, Any],
+    at: dt.datetime,
+) -> Recorded:
+    """Record a Twilio status callback once (by MessageSid and status); keep a final answer on the send."""
+    found = session.execute(
+        select(Send.id, Send.contact_id).where(
+            Send.provider_message_id == message_sid, Send.channel == Channel.SMS
+        )
+    ).first()
+    send_id, contact_id = (found.id, found.contact_id) if found is not None else (None, None)
+    new = _insert_events(
+        session,
+        [
+            {
+                "send_id": send_id,
+                "provider": Provider.TWILIO,
+                "event": status[:32],
+                "dedupe_key": f"twilio:{message_sid}:{status}"[:255],
+                "occurred_at": at,
+                "received_at": at,
+                "payload": payload,
+            }
+        ],
+    )
+    if new and send_id is not None:
+        if status in _TWILIO_DELIVERY:
+            _record_delivery(session, [(send_id, _TWILIO_DELIVERY[status], error_code, at)])
+        if error_code == OPTED_OUT_ERROR and contact_id is not None:
+            consent.revoke(session, [(contact_id, Channel.SMS)], at=at, source=f"twilio {OPTED_OUT_ERROR}")
+    return Recorded(
+        received=1,
+        recorded=len(new),
+        repeated=1 - len(new),
+        unknown_sends=1 if new and send_id is None else 0,
+        ignored=0,
+    )
+
+
+def record_inbound(
+    session: Session,
+    *,
+    message_sid: str,
+    from_number: str,
+    to_number: str | None,
+    body: str,
+    at: dt.datetime,
+) -> InboundKind:
+    """Keep an inbound SMS once and do what it asks; give its kind (a repeat does nothing again)."""
+    kind = inbound_kind(body)
+    contact_ids = set(session.scalars(select(Contact.id).where(Contact.phone == from_number)))
+    last = None
+    if contact_ids:
+        last = session.execute(
+            select(Send.id, Send.contact_id)
+            .where(
+                Send.contact_id.in_(sorted(contact_ids)),
+                Send.channel == Channel.SMS,
+                Send.status == SendStatus.SENT,
+            )
+            .order_by(Send.sent_at.desc(), Send.id.desc())
+            .limit(1)
+        ).first()
+    contact_id = last.contact_id if last is not None else min(contact_ids, default=None)
+    statement = db.insert_new(session, InboundMessage, unique=("provider_sid",)).returning(InboundMessage.id)
+    inserted = session.scalars(
+        statement,
+        [
+            {
+                "provider_sid": message_sid,
+                "contact_id": contact_id,
+                "send_id": last.id if last is not None else None,
+                "from_number": from_number[:32],
+                "to_number": to_number[:32] if to_number else None,
+                "body": body,
+                "kind": kind,
+                "received_at": at,
+            }
+        ],
+    ).all()
+    if not inserted or not contact_ids:
+        return kind
+    if kind not in (InboundKind.OPT_OUT, InboundKind.OPT_IN):
+        return kind
+    # Only contacts who have an SMS consent on record: a text alone does not sign up a number that never
+    # agreed, and one that never agreed is not messaged anyway.
+    on_record = sorted(
+        session.scalars(
+            select(Consent.contact_id).where(
+                Consent.contact_id.in_(sorted(contact_ids)), Consent.channel == Channel.SMS
+            )
+        )
+    )
+    pairs = [(c, Channel.SMS) for c in on_record]
+    source = f"sms {body.strip().upper()}"
+    if kind is InboundKind.OPT_OUT:
+        consent.revoke(session, pairs, at=at, source=source)
+    else:
+        consent.grant(session, pairs, at=at, source=source)
+    return kind

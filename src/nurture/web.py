@@ -3,6 +3,8 @@
     GET  /u/{token}               a page confirming the unsubscribe, with a button
     POST /u/{token}               the button, and RFC 8058 one-click (``List-Unsubscribe=One-Click``)
     POST /webhooks/sendgrid       SendGrid's Signed Event Webhook: delivery, opens, bounces, unsubscribes
+    POST /webhooks/twilio/status  Twilio's status callbacks for the SMS nurture sent
+    POST /webhooks/twilio/inbound SMS contacts send: STOP and the other opt-out words, START, HELP, replies
 
 Every request is checked before anything is written (its size, then its signature or token, then its
 body) and then written in one short transaction: all of it or nothing. Database work runs in Starlette's
@@ -20,6 +22,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import FormData
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
@@ -28,7 +31,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from nurture import consent, events
 from nurture.errors import BadToken, ConfigurationError
-from nurture.models import Contact
+from nurture.models import Contact, InboundKind
 from nurture.settings import Settings
 from nurture.tokens import UnsubscribeToken, read_unsubscribe_token
 
@@ -36,6 +39,7 @@ Clock = Callable[[], dt.datetime]
 
 SENDGRID_SIGNATURE = "X-Twilio-Email-Event-Webhook-Signature"
 SENDGRID_TIMESTAMP = "X-Twilio-Email-Event-Webhook-Timestamp"
+TWILIO_SIGNATURE = "X-Twilio-Signature"
 
 # The token is in the URL: keep it out of Referer headers, caches and search engines.
 _PAGE_HEADERS = {
@@ -170,10 +174,74 @@ def create_app(settings: Settings, sessions: sessionmaker[Session], *, clock: Cl
         recorded = await run_in_threadpool(record_email_events, parsed)
         return JSONResponse(recorded.as_dict())
 
+    twilio_validator = _twilio_validator(settings)
+    help_text = settings.sms_help_text or (
+        f"{settings.business_name}: appointment news and offers. Reply STOP to unsubscribe."
+        f" Help: {settings.business_phone}"
+    )
+
+    async def twilio_form(request: Request, required: tuple[str, ...]) -> FormData:
+        """Read a Twilio webhook's form and check its signature against the public URL."""
+        if twilio_validator is None:
+            raise HTTPException(
+                503, "NURTURE_TWILIO_AUTH_TOKEN is not set: Twilio's requests cannot be verified"
+            )
+        form = await request.form()
+        signature = request.headers.get(TWILIO_SIGNATURE)
+        # Twilio signs the URL it was given, which is the public one, not what the proxy forwards to us.
+        url = settings.public_url + request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        if not signature or not twilio_validator.validate(url, form, signature):
+            raise HTTPException(403, f"{TWILIO_SIGNATURE} does not match {url} and the form")
+        for name in required:
+            value = form.get(name)
+            if not isinstance(value, str) or (not value and name != "Body"):
+                raise HTTPException(400, f"{name}: missing")
+        return form
+
+    def record_status(form: FormData) -> events.Recorded:
+        with sessions.begin() as session:
+            return events.record_sms_status(
+                session,
+                message_sid=str(form["MessageSid"]),
+                status=str(form["MessageStatus"]),
+                error_code=str(form.get("ErrorCode") or "") or None,
+                payload={key: str(value) for key, value in form.multi_items()},
+                at=now(),
+            )
+
+    def record_inbound(form: FormData) -> InboundKind:
+        with sessions.begin() as session:
+            to = form.get("To")
+            return events.record_inbound(
+                session,
+                message_sid=str(form["MessageSid"]),
+                from_number=str(form["From"]),
+                to_number=to if isinstance(to, str) else None,
+                body=str(form["Body"]),
+                at=now(),
+            )
+
+    async def twilio_status(request: Request) -> Response:
+        form = await twilio_form(request, ("MessageSid", "MessageStatus"))
+        recorded = await run_in_threadpool(record_status, form)
+        return JSONResponse(recorded.as_dict())
+
+    async def twilio_inbound(request: Request) -> Response:
+        form = await twilio_form(request, ("MessageSid", "From", "Body"))
+        kind = await run_in_threadpool(record_inbound, form)
+        from twilio.twiml.messaging_response import MessagingResponse
+
+        reply = MessagingResponse()
+        if kind is InboundKind.HELP:
+            reply.message(help_text)
+        return Response(str(reply), media_type="application/xml")
+
     routes = [
         Route("/u/{token}", unsubscribe_page, methods=["GET"]),
         Route("/u/{token}", unsubscribe_post, methods=["POST"]),
         Route("/webhooks/sendgrid", sendgrid_webhook, methods=["POST"]),
+        Route("/webhooks/twilio/status", twilio_status, methods=["POST"]),
+        Route("/webhooks/twilio/inbound", twilio_inbound, methods=["POST"]),
     ]
     app = Starlette(routes=routes, exception_handlers={HTTPException: _plain_error})
     return BodyLimit(app, settings.max_body_bytes)
@@ -193,6 +261,16 @@ def _sendgrid_verifier(settings: Settings) -> Any:
             f"not a SendGrid verification key (base64 of an ECDSA public key): {exc}",
             setting="sendgrid_webhook_public_key",
         ) from None
+
+
+def _twilio_validator(settings: Settings) -> Any:
+    """Twilio's own request validator for the configured auth token, or None when no token is set."""
+    token = settings.twilio_auth_token
+    if token is None or not token.get_secret_value():
+        return None
+    from twilio.request_validator import RequestValidator
+
+    return RequestValidator(token.get_secret_value())
 
 
 def _page(settings: Settings, token: UnsubscribeToken, locale: str, *, done: bool) -> HTMLResponse:
