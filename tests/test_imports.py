@@ -11,6 +11,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 from typer.testing import CliRunner
 
+from nurture import consent
 from nurture.cli import app
 from nurture.contacts import REFERRAL_ALPHABET
 from nurture.errors import ImportFileError
@@ -240,6 +241,41 @@ def test_a_consent_change_is_recorded_with_its_source(
         (Channel.EMAIL, ConsentStatus.GRANTED, "import:contacts.csv"),
         (Channel.EMAIL, ConsentStatus.REVOKED, "import:contacts.csv"),
     ]
+
+
+def test_an_import_grants_no_email_consent_to_a_suppressed_address(
+    sessions: Sessions, settings: Settings, tmp_path: Path
+) -> None:
+    import_contacts(sessions, settings, tmp_path, "c1,,,old@example.com,,,,,,,,yes,\n")
+    with sessions.begin() as session:
+        # What a SendGrid bounce leaves behind: the address suppressed, the consent revoked.
+        at = dt.datetime(2026, 11, 23, tzinfo=dt.UTC)
+        consent.suppress(session, {"gone@example.com": "bounce"}, at=at)
+        consent.revoke(
+            session, [(contact(sessions, "c1").id, Channel.EMAIL)], at=at, source="sendgrid bounce"
+        )
+
+    summary = import_contacts(
+        sessions,
+        settings,
+        tmp_path,
+        "c1,,,Gone@example.com,,,,,,,,yes,\nc2,,,gone@example.com,,,,,,,,true,yes\nc3,,,new@example.com,,,,,,,,yes,\n",
+    )
+
+    assert (summary.imported, summary.updated, summary.rejected) == (2, 1, 0)
+    with sessions() as session:
+        current = {
+            (external_id, channel): status
+            for external_id, channel, status in session.execute(
+                select(Contact.external_id, Consent.channel, Consent.status).join(Consent)
+            )
+        }
+    assert current == {
+        ("c1", Channel.EMAIL): ConsentStatus.REVOKED,
+        ("c2", Channel.SMS): ConsentStatus.GRANTED,
+        ("c3", Channel.EMAIL): ConsentStatus.GRANTED,
+    }
+    assert contact(sessions, "c2").email == "gone@example.com"  # the rest of the row is imported
 
 
 def test_referrals_resolve_whatever_the_order(sessions: Sessions, settings: Settings, tmp_path: Path) -> None:

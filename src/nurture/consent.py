@@ -3,9 +3,9 @@
 ``consents`` holds the current answer per (contact, channel); ``consent_events`` keeps every change,
 forever, with when and where it came from (an import, an unsubscribe link, a STOP reply, a provider's
 opt-out error). A contact can also leave one topic (a touch) and keep the rest: ``topic_unsubscribes``.
-An address that bounced or reported spam is suppressed (``email_suppressions``). A change that changes
-nothing (a second click on the same unsubscribe link, SendGrid repeating an event) writes nothing, so
-that the history holds only real changes.
+An address that bounced or reported spam is suppressed (``email_suppressions``): an import does not grant
+email consent to it again. A change that changes nothing (a second click on the same unsubscribe link,
+SendGrid repeating an event) writes nothing, so that the history holds only real changes.
 """
 
 from __future__ import annotations

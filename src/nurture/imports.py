@@ -28,7 +28,7 @@ from sqlalchemy import Connection, Table, bindparam, delete, exists, func, inser
 from sqlalchemy.orm import Session, aliased, sessionmaker
 from sqlalchemy.sql.compiler import SQLCompiler
 
-from nurture import contacts
+from nurture import consent, contacts
 from nurture.errors import ImportFileError
 from nurture.models import (
     Base,
@@ -695,6 +695,19 @@ def _write_contacts(session: Session, records: list[Record], run: _Run) -> None:
         )
     }
 
+    # An address that bounced or reported spam gets no email consent back from a file.
+    granting = {
+        row.external_id: email
+        for row in rows
+        if row.consents.get(Channel.EMAIL)
+        and (email := row.fields["email"] if "email" in row.fields else _stored_email(existing, row))
+    }
+    suppressed = consent.suppressed(session, granting.values())
+    for row in rows:
+        email = granting.get(row.external_id)
+        if email is not None and email.lower() in suppressed:
+            del row.consents[Channel.EMAIL]
+
     inserts: list[dict[str, Any]] = []
     updates: list[dict[str, Any]] = []
     retagged: dict[int, frozenset[str]] = {}
@@ -774,6 +787,11 @@ _CONTACT_FIELDS = (
     "birthday",
     "referred_by",
 )
+
+
+def _stored_email(existing: dict[str, Any], row: _ContactRow) -> str | None:
+    found = existing.get(row.external_id)
+    return found.email if found is not None else None
 
 
 def _status(granted: bool) -> ConsentStatus:
