@@ -17,8 +17,10 @@ from pydantic import SecretStr
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.testclient import TestClient
+from typer.testing import CliRunner
 
 from histories import Business, local, run
+from nurture.cli import app
 from nurture.models import Channel, Consent, ConsentEvent, ConsentStatus, SendStatus, TopicUnsubscribe
 from nurture.settings import Settings
 from nurture.tokens import unsubscribe_token
@@ -243,6 +245,13 @@ def test_the_next_calendar_run_honours_an_unsubscribe_from_email_and_from_a_topi
 
     assert [(s.contact_id, s.status) for s in business.sends()] == [(control, SendStatus.SENT)]
     assert (summary["planned"], summary["sent"], summary["suppressed_consent"]) == (2, 1, 1)
+
+
+def test_serve_refuses_to_start_with_a_sendgrid_key_that_is_not_one(settings: Settings) -> None:
+    result = CliRunner().invoke(app, ["serve"], env={"NURTURE_SENDGRID_WEBHOOK_PUBLIC_KEY": "not a key"})
+
+    assert result.exit_code == 1
+    assert "NURTURE_SENDGRID_WEBHOOK_PUBLIC_KEY: not a SendGrid verification key" in result.output
 
 
 def _free_port() -> int:

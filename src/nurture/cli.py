@@ -260,10 +260,14 @@ def serve(
 
     settings = load_settings()
     with database_sessions(settings) as sessions:
+        try:
+            web_app = create_app(settings, sessions)
+        except NurtureError as error:
+            raise fail(error) from None
         console.print(
             f"nurture serve on http://{host}:{port}, reachable from outside at {settings.public_url}"
         )
-        uvicorn.run(create_app(settings, sessions), host=host, port=port, log_level="info")
+        uvicorn.run(web_app, host=host, port=port, log_level="info")
 
 
 @app.command("demo")
