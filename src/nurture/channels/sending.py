@@ -64,9 +64,9 @@ def retry_after(value: str | None) -> float | None:
 class RateLimiter:
     """Space requests so that at most ``rate`` units a second start, however many threads ask.
 
-    Each caller reserves the next free slot under a lock and sleeps outside it until the slot comes, so
-    there is no burst: over any stretch of time the units started never exceed ``rate`` per second by more
-    than one request's worth.
+    Callers take turns under a lock: each waits for its slot and sets the next one from the moment it really
+    got going, so a thread that wakes late pushes the others back instead of letting them bunch up after
+    it. No burst: over any second the units started stay within ``rate`` and one request's worth.
     """
 
     def __init__(
@@ -88,10 +88,10 @@ class RateLimiter:
         """Wait until ``units`` may start."""
         with self._lock:
             now = self._clock()
-            start = max(now, self._next)
-            self._next = start + units / self.rate
-        if start > now:
-            self._sleep(start - now)
+            if self._next > now:
+                self._sleep(self._next - now)
+                now = self._clock()
+            self._next = max(now, self._next) + units / self.rate
 
     def hold_off(self, seconds: float) -> None:
         """Let nothing start for ``seconds``, as a provider's ``Retry-After`` asks of the whole account."""
