@@ -10,7 +10,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
 
-from nurture.calendar import Calendar, RunSummary, begin, open_run
+from nurture.calendar import Run, RunSummary, open_run
 from nurture.settings import load_settings
 
 
@@ -26,15 +26,15 @@ class CalendarParameters(BaseModel):
 
 
 @task(cache_policy=NO_CACHE)
-def prepare(calendar: Calendar, sessions: Any, batch_size: int) -> tuple[RunSummary, list[tuple[int, int]]]:
+def prepare(run: Run, batch_size: int) -> tuple[RunSummary, list[tuple[int, int]]]:
     """Refresh every profile as of the run's instant and split the contacts into ranges."""
-    return begin(calendar, sessions, batch_size)
+    return run.begin(batch_size)
 
 
 @task(cache_policy=NO_CACHE)
-def send_range(calendar: Calendar, sessions: Any, low: int, high: int) -> RunSummary:
+def send_range(run: Run, low: int, high: int) -> RunSummary:
     """Plan, render, claim, send and record what is due to the contacts in one range."""
-    return calendar.run_range(sessions, low, high)
+    return run.send(low, high)
 
 
 @flow(name="contact-calendar", log_prints=True)
@@ -45,13 +45,11 @@ def contact_calendar(parameters: CalendarParameters | None = None) -> dict[str, 
     if at.tzinfo is None:
         raise ValueError("at must carry a UTC offset, e.g. 2026-11-23T10:00:00+00:00")
     settings = load_settings()
-    with open_run(settings, at, dry_run=parameters.dry_run, touches=parameters.touches) as (
-        calendar,
-        sessions,
-    ):
-        summary, ranges = prepare(calendar, sessions, parameters.batch_size)
-        for low, high in ranges:
-            summary.combine(send_range(calendar, sessions, low, high))
+    with open_run(settings, at, dry_run=parameters.dry_run, touches=parameters.touches) as run:
+        summary, ranges = prepare(run, parameters.batch_size)
+        # The ranges run side by side, each in one of the run's worker processes (see Run).
+        for part in [send_range.submit(run, low, high) for low, high in ranges]:
+            summary.combine(part.result())
     create_markdown_artifact(
         summary.markdown(), key="contact-calendar", description="What the contact calendar sent and why not"
     )

@@ -10,13 +10,14 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine, func, insert, select
 
 from histories import outbox_emails
-from nurture.calendar import run_calendar
+from nurture.calendar import open_run, run_calendar
 from nurture.models import Channel, Consent, ConsentStatus, Contact, Send, SendStatus, Visit
 from nurture.settings import Settings
 
@@ -26,7 +27,7 @@ CONTACTS = 4000
 
 RUN = """
 import datetime as dt, sys
-from nurture.calendar import run_calendar
+from nurture.calendar import open_run, run_calendar
 from nurture.settings import Settings
 summary = run_calendar(Settings(), dt.datetime.fromisoformat(sys.argv[1]), touches=["welcome"])
 print(summary.totals["sent"], summary.totals["taken_by_other_run"])
@@ -192,3 +193,20 @@ def test_a_claim_left_by_a_dead_run_and_never_taken_over_is_marked_unknown_not_r
     with engine.connect() as connection:
         status = connection.scalar(select(Send.status).where(Send.contact_id == contact_id))
     assert status is SendStatus.UNKNOWN
+
+
+@pytest.mark.slow
+def test_a_run_spread_over_worker_processes_sends_each_message_once(
+    engine: Engine, settings: Settings, new_customers: int
+) -> None:
+    settings = settings.model_copy(update={"calendar_processes": 2})
+    with open_run(settings, AT, touches=["welcome"]) as run:
+        summary, ranges = run.begin(batch_size=500)
+        assert len(ranges) == 8 and run.processes == 2
+        with ThreadPoolExecutor(2) as threads:
+            for part in threads.map(run.send, *zip(*ranges, strict=True)):
+                summary.combine(part)
+
+    assert summary.totals["sent"] == new_customers
+    assert summary.by_touch["welcome"]["sent"] == new_customers
+    assert_each_sent_once(engine, settings, new_customers)

@@ -19,9 +19,14 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import hashlib
+import multiprocessing
+import multiprocessing.util
+import os
+import threading
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from decimal import Decimal
 from functools import lru_cache
@@ -1094,6 +1099,93 @@ def _pick_content(items: Sequence[ContentItem], tags: Sequence[str], had: set[st
 # Running it: the flow and the CLI go through these.
 
 
+@dataclass(frozen=True, slots=True)
+class RunRequest:
+    """What defines one run, in a form a worker process can be given to take part in the same run."""
+
+    settings: Settings
+    at: dt.datetime
+    dry_run: bool = False
+    touches: tuple[str, ...] | None = None
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    def calendar(self) -> Calendar:
+        """Build this run's calendar: the programme loaded and its templates compiled."""
+        programme = load_programme(self.settings.templates_dir)
+        return Calendar(
+            self.settings, programme, self.at, dry_run=self.dry_run, touches=self.touches, run_id=self.run_id
+        )
+
+
+class Run:
+    """One open run: its calendar, its database, and the worker processes its ranges may go to.
+
+    A run over more than one range spreads the ranges over worker processes (``NURTURE_CALENDAR_PROCESSES``,
+    one per CPU core by default), each with its own calendar and database connection: planning and
+    rendering are CPU-bound Python, and a process is the only way onto a second core. The ledger keeps
+    them apart as it keeps concurrent runs apart. ``send`` may be called from several threads at once.
+    """
+
+    def __init__(self, request: RunRequest) -> None:
+        self.request = request
+        self.engine: Engine = db.connect(request.settings)
+        self.sessions = db.session_factory(self.engine)
+        self.calendar = request.calendar()
+        self._pool: ProcessPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
+        self.processes = 1
+
+    def begin(self, batch_size: int) -> tuple[RunSummary, list[tuple[int, int]]]:
+        """Refresh the profiles, settle earlier runs' loose ends, and give the ranges to send."""
+        with self.sessions.begin() as session:
+            summary = self.calendar.prepare(session)
+        with self.sessions.begin() as session:
+            ranges = self.calendar.ranges(session, batch_size)
+        wanted = self.request.settings.calendar_processes or os.cpu_count() or 1
+        self.processes = max(1, min(wanted, len(ranges)))
+        return summary, ranges
+
+    def send(self, low: int, high: int) -> RunSummary:
+        """Plan and send what is due to the contacts with ids in [low, high), in a worker if there are any."""
+        if self.processes == 1:
+            return self.calendar.run_range(self.sessions, low, high)
+        return self._workers().submit(_send_in_worker, low, high).result()
+
+    def _workers(self) -> ProcessPoolExecutor:
+        with self._pool_lock:
+            if self._pool is None:
+                # spawn, not fork: the run's own process has threads (Prefect's, the pool's) and open
+                # connections that a forked child must not inherit.
+                self._pool = ProcessPoolExecutor(
+                    self.processes,
+                    mp_context=multiprocessing.get_context("spawn"),
+                    initializer=_start_worker,
+                    initargs=(self.request,),
+                )
+            return self._pool
+
+    def close(self) -> None:
+        """Stop the workers, close the channels and the database."""
+        if self._pool is not None:
+            self._pool.shutdown()
+        self.calendar.close()
+        self.engine.dispose()
+
+
+_worker: Run | None = None
+
+
+def _start_worker(request: RunRequest) -> None:
+    global _worker
+    _worker = Run(request)
+    multiprocessing.util.Finalize(_worker, _worker.close, exitpriority=10)
+
+
+def _send_in_worker(low: int, high: int) -> RunSummary:
+    assert _worker is not None, "a calendar worker process was not started with its run"
+    return _worker.calendar.run_range(_worker.sessions, low, high)
+
+
 @contextlib.contextmanager
 def open_run(
     settings: Settings,
@@ -1101,27 +1193,13 @@ def open_run(
     *,
     dry_run: bool = False,
     touches: Sequence[str] | None = None,
-) -> Iterator[tuple[Calendar, sessionmaker[Session]]]:
-    """Open a run: the database, the programme, the channels; closed again when the block ends."""
-    engine: Engine = db.connect(settings)
-    calendar = Calendar(
-        settings, load_programme(settings.templates_dir), at, dry_run=dry_run, touches=touches
-    )
+) -> Iterator[Run]:
+    """Open a run: the database, the programme, the channels, the workers; closed when the block ends."""
+    run = Run(RunRequest(settings, at, dry_run, tuple(touches) if touches else None))
     try:
-        yield calendar, db.session_factory(engine)
+        yield run
     finally:
-        calendar.close()
-        engine.dispose()
-
-
-def begin(
-    calendar: Calendar, sessions: sessionmaker[Session], batch_size: int
-) -> tuple[RunSummary, list[tuple[int, int]]]:
-    """Prepare a run and give its ranges of contacts."""
-    with sessions.begin() as session:
-        summary = calendar.prepare(session)
-    with sessions.begin() as session:
-        return summary, calendar.ranges(session, batch_size)
+        run.close()
 
 
 def run_calendar(
@@ -1133,8 +1211,9 @@ def run_calendar(
     batch_size: int = 50_000,
 ) -> RunSummary:
     """Run the contact calendar for ``at`` in this process, without Prefect (the demo and tests use it)."""
-    with open_run(settings, at, dry_run=dry_run, touches=touches) as (calendar, sessions):
-        summary, ranges = begin(calendar, sessions, batch_size)
-        for low, high in ranges:
-            summary.combine(calendar.run_range(sessions, low, high))
+    with open_run(settings, at, dry_run=dry_run, touches=touches) as run:
+        summary, ranges = run.begin(batch_size)
+        with ThreadPoolExecutor(run.processes) as threads:
+            for part in threads.map(run.send, *zip(*ranges, strict=True)):
+                summary.combine(part)
         return summary

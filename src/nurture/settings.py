@@ -156,6 +156,13 @@ class Settings(BaseSettings):
         1000, ge=1, description="Messages claimed, sent and recorded together: one commit each way per batch."
     )
 
+    calendar_processes: int = Field(
+        0,
+        ge=0,
+        description="Worker processes a calendar run spreads its ranges of contacts over; 0: one per CPU"
+        " core; 1: everything in the run's own process.",
+    )
+
     # The business every message speaks for (the templates' ``business`` variable).
     business_name: str = Field("Luma Studio", description="The business name messages are signed with.")
     business_website: str = Field("https://example.com", description="The business's website.")
