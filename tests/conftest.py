@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -42,14 +43,25 @@ def _sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def _postgres_engine() -> Iterator[Engine]:
+    """A scratch database of its own on the server NURTURE_TEST_DATABASE_URL names, dropped at the end.
+
+    Its own, so that several test runs against one server (two checkouts, CI beside a developer) never
+    truncate each other's tables.
+    """
     assert POSTGRES_URL
-    engine = db.make_engine(POSTGRES_URL)
-    with engine.begin() as connection:
-        connection.execute(text("DROP SCHEMA public CASCADE"))
-        connection.execute(text("CREATE SCHEMA public"))
-    db.upgrade(engine)
-    yield engine
-    engine.dispose()
+    server = db.make_engine(POSTGRES_URL).execution_options(isolation_level="AUTOCOMMIT")
+    name = f"nurture_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    with server.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    engine = db.make_engine(server.url.set(database=name).render_as_string(hide_password=False))
+    try:
+        db.upgrade(engine)
+        yield engine
+    finally:
+        engine.dispose()
+        with server.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        server.dispose()
 
 
 @pytest.fixture(params=DATABASES)
