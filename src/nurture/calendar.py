@@ -30,7 +30,7 @@ from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from decimal import Decimal
 from functools import lru_cache
-from typing import Any
+from typing import Any, cast
 from zoneinfo import ZoneInfo
 
 from sqlalchemy import (
@@ -1006,19 +1006,17 @@ def _recipients(session: Session, ids: set[int]) -> dict[int, Recipient]:
                 P.currency,
                 P.points,
                 P.stamps,
-                (email.status == ConsentStatus.GRANTED).label("email_consent"),
-                (sms.status == ConsentStatus.GRANTED).label("sms_consent"),
+                func.coalesce(email.status == ConsentStatus.GRANTED, False).label("email_consent"),
+                func.coalesce(sms.status == ConsentStatus.GRANTED, False).label("sms_consent"),
             )
             .join(P, P.contact_id == C.id)
             .outerjoin(email, and_(email.contact_id == C.id, email.channel == Channel.EMAIL))
             .outerjoin(sms, and_(sms.contact_id == C.id, sms.channel == Channel.SMS))
             .where(C.id.in_(chunk))
         )
+        # The columns are Recipient's fields, in order.
         for row in session.execute(query):
-            values = row._asdict()
-            values["email_consent"] = bool(values["email_consent"])
-            values["sms_consent"] = bool(values["sms_consent"])
-            found[row.id] = Recipient(**values)
+            found[row.id] = Recipient(*cast(tuple[Any, ...], row))
     return found
 
 
@@ -1138,11 +1136,17 @@ class Run:
     def begin(self, batch_size: int) -> tuple[RunSummary, list[tuple[int, int]]]:
         """Refresh the profiles, settle earlier runs' loose ends, and give the ranges to send."""
         with self.sessions.begin() as session:
-            summary = self.calendar.prepare(session)
-        with self.sessions.begin() as session:
             ranges = self.calendar.ranges(session, batch_size)
         wanted = self.request.settings.calendar_processes or os.cpu_count() or 1
         self.processes = max(1, min(wanted, len(ranges)))
+        if self.processes > 1:
+            # Started now, the workers load the programme and compile its templates while this process
+            # refreshes the profiles (SQLite keeps that to one core).
+            workers = self._workers()
+            for _ in range(self.processes):
+                workers.submit(_ready)
+        with self.sessions.begin() as session:
+            summary = self.calendar.prepare(session)
         return summary, ranges
 
     def send(self, low: int, high: int) -> RunSummary:
@@ -1179,6 +1183,10 @@ def _start_worker(request: RunRequest) -> None:
     global _worker
     _worker = Run(request)
     multiprocessing.util.Finalize(_worker, _worker.close, exitpriority=10)
+
+
+def _ready() -> None:
+    """Do nothing: submitted to make the pool start its workers."""
 
 
 def _send_in_worker(low: int, high: int) -> RunSummary:
