@@ -209,4 +209,6 @@ def test_a_run_spread_over_worker_processes_sends_each_message_once(
 
     assert summary.totals["sent"] == new_customers
     assert summary.by_touch["welcome"]["sent"] == new_customers
+    # Each worker wrote its ranges' profiles (the contacts had none) before planning them.
+    assert summary.as_dict()["stages"]["new"] == new_customers
     assert_each_sent_once(engine, settings, new_customers)

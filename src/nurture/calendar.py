@@ -55,6 +55,7 @@ from nurture.models import (
     Consent,
     ConsentStatus,
     Contact,
+    ContactFacts,
     ContactProfile,
     ContactTag,
     Feedback,
@@ -148,7 +149,7 @@ class RunSummary:
     by_channel: Counter[str] = field(default_factory=Counter)
     errors: list[str] = field(default_factory=list)
     unknown_sends: list[int] = field(default_factory=list)
-    stages: dict[str, int] = field(default_factory=dict)
+    stages: Counter[str] = field(default_factory=Counter)
 
     def count(self, touch: str, outcome: str, n: int = 1) -> None:
         """Count ``n`` messages of ``touch`` with ``outcome``."""
@@ -163,7 +164,7 @@ class RunSummary:
         self.by_channel.update(other.by_channel)
         self.errors.extend(other.errors)
         self.unknown_sends.extend(other.unknown_sends)
-        self.stages = self.stages or other.stages
+        self.stages.update(other.stages)
         return self
 
     def as_dict(self) -> dict[str, Any]:
@@ -179,7 +180,7 @@ class RunSummary:
             "by_channel": dict(sorted(self.by_channel.items())),
             "errors": list(self.errors),
             "unknown_sends": list(self.unknown_sends),
-            "stages": dict(self.stages),
+            "stages": {str(stage): self.stages[str(stage)] for stage in Stage},
         }
 
     def markdown(self) -> str:
@@ -298,10 +299,12 @@ class Calendar:
 
     # Before the ranges: profiles as of now, and what earlier runs left unsettled.
 
-    def prepare(self, session: Session) -> RunSummary:
-        """Refresh every profile as of the run's instant and settle earlier runs' loose ends."""
-        profiles.refresh(session, self.settings, self.at)
-        self._mark_lost_after_winback(session)
+    def prepare(self, session: Session) -> tuple[RunSummary, profiles.Basis]:
+        """Sum up what changed in the history as of the run's instant and settle earlier runs' loose ends.
+
+        The profiles themselves are written range by range, by ``run_range`` (see ``profiles.Basis``).
+        """
+        basis = profiles.sum_up(session, self.settings, self.at)
         summary = RunSummary(at=self.at, dry_run=self.dry_run)
         if not self.dry_run:
             # A claim a dead run left and no later run took over: it may have gone out; a person decides.
@@ -310,20 +313,24 @@ class Calendar:
                 session, claimed_before=stale, channels=list(Channel), reason=STALE_CLAIM
             )
             summary.totals["unknown"] += settled
-        summary.stages = {str(stage): n for stage, n in _stage_counts(session).items()}
-        return summary
+        return summary, basis
 
-    def _mark_lost_after_winback(self, session: Session) -> None:
-        """Count as lost the lapsed contacts whose win-back messages are all spent."""
+    def _profile_range(self, session: Session, basis: profiles.Basis, low: int, high: int) -> Counter[str]:
+        """Write the range's profiles as of the run's instant; give how many contacts are in each stage."""
+        profiles.write_profiles(session, self.settings, basis, low, high)
+        in_range = and_(P.contact_id >= low, P.contact_id < high)
+        # Lapsed contacts whose win-back messages are all spent count as lost.
         for touch in self.programme.touches:
             if not isinstance(touch.trigger, Lapsed):
                 continue
             spent = _since_last_visit(touch, func.count())
             session.execute(
                 update(P)
-                .where(P.stage == Stage.LAPSED, spent >= len(touch.trigger.steps))
+                .where(in_range, P.stage == Stage.LAPSED, spent >= len(touch.trigger.steps))
                 .values(stage=Stage.LOST)
             )
+        stages = session.execute(select(P.stage, func.count()).where(in_range).group_by(P.stage))
+        return Counter({str(stage): n for stage, n in stages})
 
     def ranges(self, session: Session, size: int) -> list[tuple[int, int]]:
         """Split the contacts into ranges of ids holding about ``size`` contacts each."""
@@ -343,21 +350,26 @@ class Calendar:
 
     # One range: plan, apply the rules, render, claim, send, record.
 
-    def run_range(self, sessions: sessionmaker[Session], low: int, high: int) -> RunSummary:
-        """Plan and send every message due to the contacts with ids in [low, high)."""
+    def run_range(
+        self, sessions: sessionmaker[Session], basis: profiles.Basis, low: int, high: int
+    ) -> RunSummary:
+        """Write the profiles of the contacts with ids in [low, high), then plan and send what is due."""
         summary = RunSummary(at=self.at, dry_run=self.dry_run)
+        with sessions.begin() as session:
+            summary.stages = self._profile_range(session, basis, low, high)
         with sessions.begin() as session:
             dues = [due for touch in self.touches for due in self._due(session, touch, low, high)]
             if not dues:
                 return summary
-            recipients = _recipients(session, {d.contact_id for d in dues} | _friends(dues))
+            recipients = _recipients(session, {d.contact_id for d in dues})
+            friends = _first_names(session, _friends(dues))
             tags = _tags(session, {d.contact_id for d in dues})
             recent = _recent_marketing(session, low, high, self.at)
             dues = self._still_due(session, dues, recipients, summary)
             keys = {ledger.send_key(d.touch.name, d.contact_id, d.occurrence): d for d in dues}
             taken = ledger.existing(session, keys.keys())
         plans = self._apply_rules(keys, taken, recipients, recent, summary)
-        self._deliver(sessions, plans, recipients, tags, summary)
+        self._deliver(sessions, plans, friends, tags, summary)
         return summary
 
     def _still_due(
@@ -450,7 +462,7 @@ class Calendar:
         self,
         sessions: sessionmaker[Session],
         plans: list[Plan],
-        recipients: Mapping[int, Recipient],
+        friends: Mapping[int, str | None],
         tags: Mapping[int, list[str]],
         summary: RunSummary,
     ) -> None:
@@ -461,7 +473,7 @@ class Calendar:
                 held.append(plan)
                 continue
             try:
-                message = self._render(plan, recipients, tags)
+                message = self._render(plan, friends, tags)
             except TemplateError as error:
                 summary.count(touch.name, "template_errors")
                 summary.errors.append(f"{touch.name} for contact {plan.recipient.external_id}: {error}")
@@ -567,10 +579,10 @@ class Calendar:
     # Rendering.
 
     def _render(
-        self, plan: Plan, recipients: Mapping[int, Recipient], tags: Mapping[int, list[str]]
+        self, plan: Plan, friends: Mapping[int, str | None], tags: Mapping[int, list[str]]
     ) -> Rendered:
         recipient, due = plan.recipient, plan.due
-        context = self._context(plan, recipients, tags)
+        context = self._context(plan, friends, tags)
         message = self.renderer.render(due.touch.name, plan.channel, recipient.locale, context)
         return Rendered(
             subject=message.subject,
@@ -584,7 +596,7 @@ class Calendar:
         )
 
     def _context(
-        self, plan: Plan, recipients: Mapping[int, Recipient], tags: Mapping[int, list[str]]
+        self, plan: Plan, friends: Mapping[int, str | None], tags: Mapping[int, list[str]]
     ) -> dict[str, Any]:
         r, due, settings = plan.recipient, plan.due, self.settings
         tz = _zone(r.timezone)
@@ -599,7 +611,9 @@ class Calendar:
                 "expires_on": plan.today + dt.timedelta(days=due.touch.offer.valid_days),
                 "description": due.touch.offer.description,
             }
-        friend = recipients.get(due.friend_id) if due.friend_id is not None else None
+        friend = None
+        if due.friend_id is not None and due.friend_id in friends:
+            friend = {"first_name": friends[due.friend_id]}
         website = settings.business_website.rstrip("/")
         return {
             "touch": due.touch.name,
@@ -633,7 +647,7 @@ class Calendar:
             "content": due.content.localized(r.locale, self.programme.rules.default_locale)
             if due.content
             else None,
-            "friend": {"first_name": friend.first_name} if friend is not None else None,
+            "friend": friend,
             "business": {
                 "name": settings.business_name,
                 "website": settings.business_website,
@@ -828,7 +842,7 @@ class Calendar:
                 yield Due(row.contact_id, touch, item.id, due, None, content=item)
 
     def _due_referral(self, session: Session, touch: Touch, low: int, high: int) -> Iterator[Due]:
-        friend = aliased(P)
+        friend = ContactFacts
         since = self.at - touch.valid_days * DAY - TZ_MARGIN
         for side, other in (
             (Referral.referrer_id, Referral.referred_id),
@@ -1024,6 +1038,15 @@ def _friends(dues: Sequence[Due]) -> set[int]:
     return {d.friend_id for d in dues if d.friend_id is not None}
 
 
+def _first_names(session: Session, ids: set[int]) -> dict[int, str | None]:
+    """Give the first names of ``ids`` (the friends a referral message names)."""
+    if not ids:
+        return {}
+    return {
+        row.id: row.first_name for row in session.execute(select(C.id, C.first_name).where(C.id.in_(ids)))
+    }
+
+
 def _tags(session: Session, ids: set[int]) -> dict[int, list[str]]:
     tags: dict[int, list[str]] = defaultdict(list)
     ordered = sorted(ids)
@@ -1049,10 +1072,6 @@ def _recent_marketing(session: Session, low: int, high: int, at: dt.datetime) ->
     for contact_id, claimed_at in session.execute(query):
         recent[contact_id].append(claimed_at)
     return recent
-
-
-def _stage_counts(session: Session) -> dict[Stage, int]:
-    return {stage: n for stage, n in session.execute(select(P.stage, func.count()).group_by(P.stage))}
 
 
 def _worth_it(offer: Offer, value: Decimal, recipient: Recipient, margin_rate: Decimal) -> bool:
@@ -1132,6 +1151,7 @@ class Run:
         self._pool: ProcessPoolExecutor | None = None
         self._pool_lock = threading.Lock()
         self.processes = 1
+        self.basis: profiles.Basis | None = None
 
     def begin(self, batch_size: int) -> tuple[RunSummary, list[tuple[int, int]]]:
         """Refresh the profiles, settle earlier runs' loose ends, and give the ranges to send."""
@@ -1146,14 +1166,16 @@ class Run:
             for _ in range(self.processes):
                 workers.submit(_ready)
         with self.sessions.begin() as session:
-            summary = self.calendar.prepare(session)
+            summary, self.basis = self.calendar.prepare(session)
         return summary, ranges
 
     def send(self, low: int, high: int) -> RunSummary:
         """Plan and send what is due to the contacts with ids in [low, high), in a worker if there are any."""
+        if self.basis is None:
+            raise RuntimeError("begin the run before sending its ranges")
         if self.processes == 1:
-            return self.calendar.run_range(self.sessions, low, high)
-        return self._workers().submit(_send_in_worker, low, high).result()
+            return self.calendar.run_range(self.sessions, self.basis, low, high)
+        return self._workers().submit(_send_in_worker, self.basis, low, high).result()
 
     def _workers(self) -> ProcessPoolExecutor:
         with self._pool_lock:
@@ -1189,9 +1211,9 @@ def _ready() -> None:
     """Do nothing: submitted to make the pool start its workers."""
 
 
-def _send_in_worker(low: int, high: int) -> RunSummary:
+def _send_in_worker(basis: profiles.Basis, low: int, high: int) -> RunSummary:
     assert _worker is not None, "a calendar worker process was not started with its run"
-    return _worker.calendar.run_range(_worker.sessions, low, high)
+    return _worker.calendar.run_range(_worker.sessions, basis, low, high)
 
 
 @contextlib.contextmanager

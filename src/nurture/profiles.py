@@ -7,7 +7,10 @@ visits and sums their history up again into ``contact_facts`` (one ``INSERT ... 
 them). Every profile is then recomputed from the facts with one more ``INSERT ... SELECT``, an upsert
 that writes only the rows whose values changed: stages and value tiers move with time and with the
 population. The medians the rhythms are shrunk toward are read from the facts' indexes, and the value
-tiers' bounds found with one sort; each refresh is recorded in ``profile_refreshes``. Nothing up to
+tiers' bounds found with one sort; each refresh is recorded in ``profile_refreshes``. ``sum_up`` and
+``write_profiles`` are the two halves of a refresh: the contact calendar sums up once, then writes each
+range's profiles in the worker that plans that range, so that the writing of one range overlaps the
+planning of another. Nothing up to
 ``at`` is skipped and nothing after it is seen, so refreshing at an earlier instant replays history. See
 README, "What nurture knows about each customer", for the rules.
 """
@@ -157,6 +160,37 @@ def refresh(session: Session, settings: Settings, at: dt.datetime, *, full: bool
     result is the same as summing everyone up again, which ``full`` (or an ``at`` before the last refresh's)
     does. Two refreshes never interleave: the second waits for the first's transaction to end.
     """
+    basis = sum_up(session, settings, at, full=full)
+    write_profiles(session, settings, basis)
+    stages = {Stage(stage): count for stage, count in _counts(session, ContactProfile.stage)}
+    tiers = {ValueTier(tier): count for tier, count in _counts(session, ContactProfile.value_tier)}
+    return RefreshSummary(
+        as_of=at,
+        contacts=sum(stages.values()),
+        stages={stage: stages.get(stage, 0) for stage in Stage},
+        value_tiers={tier: tiers.get(tier, 0) for tier in ValueTier},
+        loyalty_entries_added=basis.loyalty_entries_added,
+    )
+
+
+@dataclass(frozen=True)
+class Basis:
+    """What the profiles as of ``at`` are computed from besides each contact's facts: the population's part.
+
+    ``sum_up`` finds it; ``write_profiles`` then writes the profiles, all at once or range by range (the
+    calendar writes each range's just before planning it, in its worker processes).
+    """
+
+    at: dt.datetime
+    priors: _Priors
+    bounds: tuple[_Rank | None, _Rank | None]
+    loyalty_entries_added: int
+
+
+def sum_up(session: Session, settings: Settings, at: dt.datetime, *, full: bool = False) -> Basis:
+    """Accrue loyalty, sum up again the contacts whose history changed, and find the population's medians
+    and value-tier bounds as of ``at``; record the refresh. The profiles are written by ``write_profiles``.
+    """
     if at.tzinfo is None:
         raise ValueError(f"naive datetime {at!r}: profiles are computed as of a timezone-aware instant")
     db.exclusive(session, "nurture.profiles.refresh")
@@ -183,9 +217,7 @@ def refresh(session: Session, settings: Settings, at: dt.datetime, *, full: bool
     _DIRTY.drop(connection)
 
     priors = _priors(session)
-    _write_profiles(
-        session, _profiles_query(settings, at, priors, _tier_bounds(session, settings, at, priors))
-    )
+    bounds = _tier_bounds(session, settings, at, priors)
     session.add(
         ProfileRefresh(
             as_of=at,
@@ -194,15 +226,19 @@ def refresh(session: Session, settings: Settings, at: dt.datetime, *, full: bool
         )
     )
     session.flush()
-    stages = {Stage(stage): count for stage, count in _counts(session, ContactProfile.stage)}
-    tiers = {ValueTier(tier): count for tier, count in _counts(session, ContactProfile.value_tier)}
-    return RefreshSummary(
-        as_of=at,
-        contacts=sum(stages.values()),
-        stages={stage: stages.get(stage, 0) for stage in Stage},
-        value_tiers={tier: tiers.get(tier, 0) for tier in ValueTier},
-        loyalty_entries_added=added,
-    )
+    return Basis(at, priors, bounds, added)
+
+
+def write_profiles(
+    session: Session, settings: Settings, basis: Basis, low: int | None = None, high: int | None = None
+) -> None:
+    """Write the profiles as of ``basis.at``, of everyone or of the contacts with ids in [low, high)."""
+    query = _profiles_query(settings, basis.at, basis.priors, basis.bounds)
+    if low is not None:
+        query = query.where(ContactFacts.contact_id >= low)
+    if high is not None:
+        query = query.where(ContactFacts.contact_id < high)
+    _write_profiles(session, query)
 
 
 def _write_profiles(session: Session, query: Select[Any]) -> None:
