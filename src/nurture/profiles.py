@@ -10,9 +10,8 @@ population. The medians the rhythms are shrunk toward are read from the facts' i
 tiers' bounds found with one sort; each refresh is recorded in ``profile_refreshes``. ``sum_up`` and
 ``write_profiles`` are the two halves of a refresh: the contact calendar sums up once, then writes each
 range's profiles in the worker that plans that range, so that the writing of one range overlaps the
-planning of another. Nothing up to
-``at`` is skipped and nothing after it is seen, so refreshing at an earlier instant replays history. See
-README, "What nurture knows about each customer", for the rules.
+planning of another. Nothing up to ``at`` is skipped and nothing after it is seen, so refreshing at an
+earlier instant replays history. See README, "What nurture knows about each customer", for the rules.
 """
 
 from __future__ import annotations
