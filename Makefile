@@ -38,6 +38,7 @@ bench: $(VENV)/.installed-dev
 	$(BIN)/python benchmarks/next_visit.py
 	$(BIN)/python benchmarks/outbox.py
 	$(BIN)/python benchmarks/rendering.py
+	$(BIN)/python benchmarks/webhooks.py
 
 clean:
 	rm -rf $(VENV) nurture.db nurture.db-* outbox demo
