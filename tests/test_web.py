@@ -17,6 +17,7 @@ from pydantic import SecretStr
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.testclient import TestClient
+from twilio.request_validator import RequestValidator
 from typer.testing import CliRunner
 
 from histories import Business, local, run
@@ -261,15 +262,17 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_nurture_serve_answers_on_its_port(
+def test_nurture_serve_answers_unsubscribe_links_and_twilio_on_its_port(
     settings: Settings, sessions: sessionmaker[Session], business: Business, tmp_path: Path
 ) -> None:
-    lucia = business.contact(locale="es", consent=[Channel.EMAIL])
+    lucia = business.contact(locale="es", consent=[Channel.EMAIL, Channel.SMS], phone="+34612345678")
     port = _free_port()
+    public = f"http://127.0.0.1:{port}"
     environment = {
         **os.environ,
         "NURTURE_SECRET_KEY": "serve-test-key",
-        "NURTURE_PUBLIC_URL": f"http://127.0.0.1:{port}",
+        "NURTURE_PUBLIC_URL": public,
+        "NURTURE_TWILIO_AUTH_TOKEN": "serve-test-twilio-token",
     }
     signed = settings.model_copy(update={"secret_key": SecretStr("serve-test-key")})
     url = f"http://127.0.0.1:{port}/u/{unsubscribe_token(signed, lucia, 'email')}"
@@ -295,7 +298,14 @@ def test_nurture_serve_answers_on_its_port(
         assert "¿Dejar de recibir correos de Luma Studio?" in page.text
         done = httpx.post(url, data=ONE_CLICK)
         assert done.status_code == 200
-        assert consents(sessions, lucia) == {Channel.EMAIL: ConsentStatus.REVOKED}
+        stop = {"MessageSid": "SM" + "1" * 32, "From": "+34612345678", "To": "+34900000000", "Body": " Stop "}
+        inbound = f"{public}/webhooks/twilio/inbound"
+        signature = RequestValidator("serve-test-twilio-token").compute_signature(inbound, stop)
+        assert httpx.post(inbound, data=stop, headers={"X-Twilio-Signature": signature}).status_code == 200
+        assert consents(sessions, lucia) == {
+            Channel.EMAIL: ConsentStatus.REVOKED,
+            Channel.SMS: ConsentStatus.REVOKED,
+        }
     finally:
         server.terminate()
         server.wait(timeout=10)
