@@ -360,6 +360,7 @@ def cached(contacts: int, *, rebuild: bool = False) -> tuple[Path, float | None]
     """The cached business of ``contacts`` contacts, built first if needed; with the build's seconds."""
     path = DATA / f"calendar-{contacts}-v{VERSION}.db"
     if path.exists() and not rebuild:
+        _migrated(path)
         return path, None
     DATA.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(f".{os.getpid()}.partial")
@@ -369,6 +370,18 @@ def cached(contacts: int, *, rebuild: bool = False) -> tuple[Path, float | None]
     elapsed = time.perf_counter() - started
     os.replace(partial, path)
     return path, elapsed
+
+
+def _migrated(path: Path) -> None:
+    """Bring a business cached by an older nurture to the newest schema once, so that no run times that."""
+    engine = db.make_engine(f"sqlite:///{path}")
+    try:
+        if not db.is_current(engine):
+            started = time.perf_counter()
+            db.upgrade(engine)
+            print(f"{path.name}: migrated to the newest schema in {time.perf_counter() - started:.1f} s")
+    finally:
+        engine.dispose()
 
 
 def fresh_copy(contacts: int) -> Path:
