@@ -64,8 +64,8 @@ def upgrade(engine: Engine) -> None:
     with engine.begin() as connection:
         command.upgrade(alembic_config(connection), "head")
         # A migration that rebuilds a table (SQLite's way to add a constraint) drops that table's
-        # statistics, and the planner then guesses: a calendar run at a million contacts took a third
-        # longer. Gathered again here, once, where a database had them.
+        # statistics, and the planner then guesses. Gathered again here, once, where a database had them
+        # (11.6 s at a million contacts).
         if connection.dialect.name == "sqlite" and connection.scalar(
             text("SELECT count(*) FROM sqlite_master WHERE name = 'sqlite_stat1'")
         ):
