@@ -11,7 +11,7 @@ SendGrid repeating an event) writes nothing, so that the history holds only real
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterable
+from collections.abc import Container, Iterable, Sequence
 
 from sqlalchemy import insert, select, tuple_, update
 from sqlalchemy.orm import Session
@@ -42,14 +42,27 @@ def change(
         )
     }
     changed = sorted(pair for pair in wanted if current.get(pair) is not status)
-    if not changed:
-        return 0
+    record(session, [(*pair, status) for pair in changed], existing=current, at=at, source=source)
+    return len(changed)
+
+
+def record(
+    session: Session,
+    changes: Sequence[tuple[int, Channel, ConsentStatus]],
+    *,
+    existing: Container[tuple[int, Channel]],
+    at: dt.datetime,
+    source: str,
+) -> None:
+    """Write changes known to be real, to the current answers (``existing`` have one) and the history."""
+    if not changes:
+        return
     rows = [
         {"contact_id": contact_id, "channel": channel, "status": status, "changed_at": at, "source": source}
-        for contact_id, channel in changed
+        for contact_id, channel, status in changes
     ]
-    new = [row for row in rows if (row["contact_id"], row["channel"]) not in current]
-    known = [row for row in rows if (row["contact_id"], row["channel"]) in current]
+    new = [row for row in rows if (row["contact_id"], row["channel"]) not in existing]
+    known = [row for row in rows if (row["contact_id"], row["channel"]) in existing]
     if new:
         session.execute(insert(Consent), new)
     if known:
@@ -58,16 +71,15 @@ def change(
         insert(ConsentEvent),
         [
             {
-                "contact_id": row["contact_id"],
-                "channel": row["channel"],
+                "contact_id": contact_id,
+                "channel": channel,
                 "status": status,
                 "occurred_at": at,
                 "source": source,
             }
-            for row in rows
+            for contact_id, channel, status in changes
         ],
     )
-    return len(changed)
 
 
 def revoke(session: Session, pairs: Iterable[tuple[int, Channel]], *, at: dt.datetime, source: str) -> int:

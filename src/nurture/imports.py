@@ -34,7 +34,6 @@ from nurture.models import (
     Base,
     Channel,
     Consent,
-    ConsentEvent,
     ConsentStatus,
     Contact,
     ContactTag,
@@ -805,36 +804,12 @@ def _record_consents(
     current: dict[tuple[int, Channel], ConsentStatus],
     changes: list[tuple[str, Channel, bool]],
 ) -> None:
-    if not changes:
-        return
-    rows = [
-        {
-            "contact_id": ids[external_id],
-            "channel": channel,
-            "status": _status(granted),
-            "changed_at": run.now,
-            "source": run.consent_source,
-        }
-        for external_id, channel, granted in changes
-    ]
-    new = [row for row in rows if (row["contact_id"], row["channel"]) not in current]
-    known = [row for row in rows if (row["contact_id"], row["channel"]) in current]
-    if new:
-        session.execute(insert(Consent), new)
-    if known:
-        session.execute(update(Consent), known)
-    session.execute(
-        insert(ConsentEvent),
-        [
-            {
-                "contact_id": row["contact_id"],
-                "channel": row["channel"],
-                "status": row["status"],
-                "occurred_at": run.now,
-                "source": run.consent_source,
-            }
-            for row in rows
-        ],
+    consent.record(
+        session,
+        [(ids[external_id], channel, _status(granted)) for external_id, channel, granted in changes],
+        existing=current,
+        at=run.now,
+        source=run.consent_source,
     )
 
 
