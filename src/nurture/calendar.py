@@ -1150,18 +1150,19 @@ class Run:
         self.calendar = request.calendar()
         self._pool: ProcessPoolExecutor | None = None
         self._pool_lock = threading.Lock()
+        self._one_at_a_time = threading.Lock()
         self.processes = 1
         self.basis: profiles.Basis | None = None
 
     def begin(self, batch_size: int) -> tuple[RunSummary, list[tuple[int, int]]]:
-        """Refresh the profiles, settle earlier runs' loose ends, and give the ranges to send."""
+        """Sum up what changed in the history, settle earlier runs' loose ends, give the ranges to send."""
         with self.sessions.begin() as session:
             ranges = self.calendar.ranges(session, batch_size)
         wanted = self.request.settings.calendar_processes or os.cpu_count() or 1
         self.processes = max(1, min(wanted, len(ranges)))
         if self.processes > 1:
             # Started now, the workers load the programme and compile its templates while this process
-            # refreshes the profiles (SQLite keeps that to one core).
+            # sums up the history (SQLite keeps that to one core).
             workers = self._workers()
             for _ in range(self.processes):
                 workers.submit(_ready)
@@ -1174,7 +1175,9 @@ class Run:
         if self.basis is None:
             raise RuntimeError("begin the run before sending its ranges")
         if self.processes == 1:
-            return self.calendar.run_range(self.sessions, self.basis, low, high)
+            # One range at a time, even when the flow's threads ask for several at once.
+            with self._one_at_a_time:
+                return self.calendar.run_range(self.sessions, self.basis, low, high)
         return self._workers().submit(_send_in_worker, self.basis, low, high).result()
 
     def _workers(self) -> ProcessPoolExecutor:
