@@ -2,6 +2,7 @@
 
     NurtureError
     ├── ImportFileError        an import file cannot be read at all (unreadable, bad encoding, missing column)
+    ├── InvalidVisits          visits posted to the API break the import's rules: every problem by item, field
     ├── ContactNotFound        no contact has the external id asked for
     ├── ProfileNotRefreshed    a contact has no profile yet: `nurture contacts refresh` has not run since
     ├── ProgrammeError         the programme under templates/ is invalid: every problem by file, line, field
@@ -33,6 +34,14 @@ class ImportFileError(NurtureError):
         self.line = line
         where = f"{path}:{line}" if line is not None else str(path)
         super().__init__(f"{where}: {message}")
+
+
+class InvalidVisits(NurtureError):
+    """Raised when posted visits break the visits import's rules; nothing has been written."""
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("; ".join(self.problems))
 
 
 class ContactNotFound(NurtureError):

@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session, aliased, sessionmaker
 from sqlalchemy.sql.compiler import SQLCompiler
 
 from nurture import consent, contacts
-from nurture.errors import ImportFileError
+from nurture.errors import ImportFileError, InvalidVisits
 from nurture.models import (
     Base,
     Channel,
@@ -825,7 +825,9 @@ def _unused_referral_codes(session: Session, count: int) -> list[str]:
 # Visits ---------------------------------------------------------------------------------------------------
 
 
-def _parse_visit(record: Record, known: dict[str, tuple[int, str]], run: _Run) -> tuple[Any, ...]:
+def _parse_visit(
+    record: Record, known: dict[str, tuple[int, str]], zone: Callable[[str], ZoneInfo], default_currency: str
+) -> tuple[Any, ...]:
     # Straight-line on purpose: this runs once per row of files with millions of rows.
     external_id = _required(record, "external_id")
     contact_id, timezone = _contact_of(record, known)
@@ -833,7 +835,7 @@ def _parse_visit(record: Record, known: dict[str, tuple[int, str]], run: _Run) -
     raw_amount = record.value("amount")
     raw_currency = record.value("currency")
     try:
-        occurred_at = parse_instant(raw_time, run.zone(timezone))
+        occurred_at = parse_instant(raw_time, zone(timezone))
     except ValueError as exc:
         raise ValueError(f"occurred_at: {exc}") from None
     try:
@@ -841,7 +843,7 @@ def _parse_visit(record: Record, known: dict[str, tuple[int, str]], run: _Run) -
     except ValueError as exc:
         raise ValueError(f"amount: {exc}") from None
     try:
-        currency = parse_currency(raw_currency) if raw_currency else run.settings.default_currency
+        currency = parse_currency(raw_currency) if raw_currency else default_currency
     except ValueError as exc:
         raise ValueError(f"currency: {exc}") from None
     return (external_id, contact_id, occurred_at, amount, currency)
@@ -888,17 +890,25 @@ def _write_visits(session: Session, records: list[Record], run: _Run) -> None:
     parsed: list[tuple[Record, str, tuple[Any, ...]]] = []
     for record in records:
         try:
-            row = _parse_visit(record, known, run)
+            row = _parse_visit(record, known, run.zone, run.settings.default_currency)
         except ValueError as exc:
             run.rejects.add(record, str(exc))
             continue
         parsed.append((record, row[0], row))
     rows = run.first_of_each_key(parsed, "external_id")
+    imported, updated = _upsert_visits(session, rows, run.now)
+    run.imported += imported
+    run.updated += updated
+    run.unchanged += len(rows) - imported - updated
+
+
+def _upsert_visits(session: Session, rows: list[tuple[Any, ...]], now: dt.datetime) -> tuple[int, int]:
+    """Insert new visits and update changed ones by external id; give how many of each."""
     driver = Driver.of(session)
     table = _table(Visit)
     store = driver.storer(table, _VISIT_COLUMNS)
     existing = driver.find(table, "external_id", ("id", *_VISIT_COLUMNS[1:]), [row[0] for row in rows])
-    [created_at] = driver.storer(table, ["created_at"])([run.now])
+    [created_at] = driver.storer(table, ["created_at"])([now])
     inserts: list[tuple[Any, ...]] = []
     updates: list[tuple[Any, ...]] = []
     for row in rows:
@@ -910,9 +920,93 @@ def _write_visits(session: Session, records: list[Record], run: _Run) -> None:
             updates.append((*stored[1:], current[0]))
     driver.insert(table, (*_VISIT_COLUMNS, "created_at"), inserts)
     driver.update(table, _VISIT_COLUMNS[1:], updates)
-    run.imported += len(inserts)
-    run.updated += len(updates)
-    run.unchanged += len(rows) - len(inserts) - len(updates)
+    return len(inserts), len(updates)
+
+
+# Visits posted to `nurture serve` (POST /api/visits): the file's rules, all of a request or nothing.
+
+VISIT_FIELDS = ("external_id", "contact_external_id", "occurred_at", "amount", "currency")
+_VISIT_FIELD_INDEX = {name: number for number, name in enumerate(VISIT_FIELDS)}
+
+
+@dataclass(frozen=True)
+class RecordedVisits:
+    """What a request's visits did: new, changed, or already recorded as they are."""
+
+    imported: int
+    updated: int
+    unchanged: int
+
+    def as_dict(self) -> dict[str, int]:
+        """Return the counts as JSON-ready values."""
+        return {"imported": self.imported, "updated": self.updated, "unchanged": self.unchanged}
+
+
+def record_visits(
+    session: Session, items: Sequence[object], settings: Settings, *, now: dt.datetime
+) -> RecordedVisits:
+    """Check visits given as JSON objects by the visits import's rules, then upsert them by external id.
+
+    Every item is checked before anything is written: one bad item raises ``InvalidVisits`` listing every
+    problem by item (0-based) and field, and nothing is written. Posting the same visits again changes
+    nothing; an edited one is updated.
+    """
+    problems: list[tuple[int, str]] = []
+    records: list[tuple[int, Record]] = []
+    for index, item in enumerate(items):
+        record = _visit_record(index, item, problems)
+        if record is not None:
+            records.append((index, record))
+    wanted = {record.value("contact_external_id") for _, record in records} - {""}
+    found = Driver.of(session).find(_table(Contact), "external_id", ("id", "timezone"), wanted)
+    known = {external_id: (contact_id, timezone) for external_id, (contact_id, timezone) in found.items()}
+    zones: dict[str, ZoneInfo] = {}
+
+    def zone(name: str) -> ZoneInfo:
+        return zones.setdefault(name, ZoneInfo(name))
+
+    rows: list[tuple[Any, ...]] = []
+    first_item: dict[str, int] = {}
+    for index, record in records:
+        try:
+            row = _parse_visit(record, known, zone, settings.default_currency)
+        except ValueError as exc:
+            problems.append((index, f"item {index}: {exc}"))
+            continue
+        if row[0] in first_item:
+            problems.append(
+                (index, f"item {index}: external_id: {row[0]!r} repeats item {first_item[row[0]]}")
+            )
+            continue
+        first_item[row[0]] = index
+        rows.append(row)
+    if problems:
+        raise InvalidVisits([problem for _, problem in sorted(problems, key=lambda pair: pair[0])])
+    imported, updated = _upsert_visits(session, rows, now)
+    return RecordedVisits(imported=imported, updated=updated, unchanged=len(rows) - imported - updated)
+
+
+def _visit_record(index: int, item: object, problems: list[tuple[int, str]]) -> Record | None:
+    """Give a JSON visit as a record of the visits file, or note why it cannot be one."""
+    if not isinstance(item, dict):
+        problems.append((index, f"item {index}: is not an object with the fields {', '.join(VISIT_FIELDS)}"))
+        return None
+    fields: list[str] = [""] * len(VISIT_FIELDS)
+    ok = True
+    for name, value in item.items():
+        if name not in _VISIT_FIELD_INDEX:
+            problems.append(
+                (index, f"item {index}: {name}: unknown field (the fields: {', '.join(VISIT_FIELDS)})")
+            )
+            ok = False
+        elif value is None:
+            continue
+        elif isinstance(value, bool) or not isinstance(value, str | int | float | Decimal):
+            problems.append((index, f"item {index}: {name}: must be a string or a number"))
+            ok = False
+        else:
+            fields[_VISIT_FIELD_INDEX[name]] = str(value)
+    return Record(line=index, fields=fields, columns=_VISIT_FIELD_INDEX) if ok else None
 
 
 # Feedback -------------------------------------------------------------------------------------------------

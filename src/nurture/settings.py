@@ -192,6 +192,11 @@ class Settings(BaseSettings):
         description="Largest request body `nurture serve` reads; a larger one gets 413 and writes nothing."
         " SendGrid posts events in batches well under 1 MiB.",
     )
+    api_key: SecretStr | None = Field(
+        None,
+        description="The key clients send (Authorization: Bearer KEY, or X-API-Key: KEY) to post visits to"
+        " POST /api/visits; without it that endpoint refuses every request.",
+    )
     sms_help_text: str | None = Field(
         None,
         description="The reply to HELP or INFO; by default the business name and phone, and how to stop.",

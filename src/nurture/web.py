@@ -5,6 +5,7 @@
     POST /webhooks/sendgrid       SendGrid's Signed Event Webhook: delivery, opens, bounces, unsubscribes
     POST /webhooks/twilio/status  Twilio's status callbacks for the SMS nurture sent
     POST /webhooks/twilio/inbound SMS contacts send: STOP and the other opt-out words, START, HELP, replies
+    POST /api/visits              visits from a booking or till system (API key): one or a list
 
 Every request is checked before anything is written (its size, then its signature or token, then its
 body) and then written in one short transaction: all of it or nothing. Database work runs in Starlette's
@@ -14,7 +15,10 @@ thread pool, so that a slow query never stalls the event loop.
 from __future__ import annotations
 
 import datetime as dt
+import hmac
+import json
 from collections.abc import Callable
+from decimal import Decimal
 from typing import Any
 
 from jinja2 import Environment
@@ -29,8 +33,8 @@ from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, R
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from nurture import consent, events
-from nurture.errors import BadToken, ConfigurationError
+from nurture import consent, events, imports
+from nurture.errors import BadToken, ConfigurationError, InvalidVisits
 from nurture.models import Contact, InboundKind
 from nurture.settings import Settings
 from nurture.tokens import UnsubscribeToken, read_unsubscribe_token
@@ -236,15 +240,54 @@ def create_app(settings: Settings, sessions: sessionmaker[Session], *, clock: Cl
             reply.message(help_text)
         return Response(str(reply), media_type="application/xml")
 
+    def record_visits(items: list[object]) -> imports.RecordedVisits:
+        with sessions.begin() as session:
+            return imports.record_visits(session, items, settings, now=now())
+
+    async def post_visits(request: Request) -> Response:
+        _check_api_key(settings, request)
+        body = await request.body()
+        try:
+            # Decimal keeps an amount as written: 12.50 stays two decimals, 0.1 never becomes 0.1000000001.
+            payload = json.loads(body, parse_float=Decimal)
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise HTTPException(400, f"body is not JSON: {exc}") from None
+        items = payload if isinstance(payload, list) else [payload]
+        if not items:
+            raise HTTPException(400, "no visits: send one visit object or a non-empty list of them")
+        try:
+            recorded = await run_in_threadpool(record_visits, items)
+        except InvalidVisits as exc:
+            return JSONResponse({"error": "nothing was recorded", "problems": exc.problems}, status_code=400)
+        return JSONResponse(recorded.as_dict())
+
     routes = [
         Route("/u/{token}", unsubscribe_page, methods=["GET"]),
         Route("/u/{token}", unsubscribe_post, methods=["POST"]),
         Route("/webhooks/sendgrid", sendgrid_webhook, methods=["POST"]),
         Route("/webhooks/twilio/status", twilio_status, methods=["POST"]),
         Route("/webhooks/twilio/inbound", twilio_inbound, methods=["POST"]),
+        Route("/api/visits", post_visits, methods=["POST"]),
     ]
     app = Starlette(routes=routes, exception_handlers={HTTPException: _plain_error})
     return BodyLimit(app, settings.max_body_bytes)
+
+
+def _check_api_key(settings: Settings, request: Request) -> None:
+    """Let a request through only with the configured API key, as a bearer token or in X-API-Key."""
+    key = settings.api_key.get_secret_value() if settings.api_key is not None else ""
+    if not key:
+        raise HTTPException(503, "NURTURE_API_KEY is not set: the API refuses every request")
+    given = request.headers.get("X-API-Key")
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    if given is None and scheme.lower() == "bearer":
+        given = token.strip()
+    if not given:
+        raise HTTPException(
+            401, "an API key is required: Authorization: Bearer KEY", headers={"WWW-Authenticate": "Bearer"}
+        )
+    if not hmac.compare_digest(given.encode(), key.encode()):
+        raise HTTPException(403, "the API key is not the one configured")
 
 
 def _sendgrid_verifier(settings: Settings) -> Any:
