@@ -8,6 +8,7 @@ import json
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -20,7 +21,7 @@ from rich.table import Table
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from nurture import db, demo, ledger, profiles, rendering, synthetic
+from nurture import db, demo, ledger, profiles, rendering, retention, synthetic
 from nurture.errors import NurtureError, ProfileNotRefreshed, UnknownTouch
 from nurture.imports import ImportKind, import_file
 from nurture.models import Channel
@@ -534,3 +535,173 @@ def sends_reconcile(
         " [--message-id ID] or --release ID",
         soft_wrap=True,
     )
+
+
+report_app = typer.Typer(
+    no_args_is_help=True, help="Reports: retention, in the terminal, as JSON or as HTML."
+)
+app.add_typer(report_app, name="report")
+
+
+def _report_date(value: str | None, option: str) -> dt.date | None:
+    """Parse a report's --since or --until (YYYY-MM-DD), naming the option when it is not a date."""
+    if value is None:
+        return None
+    try:
+        return dt.date.fromisoformat(value)
+    except ValueError:
+        raise fail(f"{option} {value!r}: not a date like 2026-10-31") from None
+
+
+@report_app.command("retention")
+def report_retention(
+    since: Annotated[
+        str | None,
+        typer.Option(help="First day (YYYY-MM-DD), rounded down to its period; default 12 periods."),
+    ] = None,
+    until: Annotated[
+        str | None, typer.Option(help="Last day (YYYY-MM-DD), included; default today (UTC).")
+    ] = None,
+    period: Annotated[retention.Period, typer.Option(help="What retention is counted over.")] = (
+        retention.Period.MONTH
+    ),
+    slipping: Annotated[int, typer.Option(min=0, help="Customers shown on the early-warning list.")] = 20,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Retention and churn per period and cohort, lifetime value, cost of retention, saves, satisfaction."""
+    settings = load_settings()
+    last = _report_date(until, "--until") or dt.datetime.now(dt.UTC).date()
+    try:
+        window = retention.Window.of(last, _report_date(since, "--since"), period)
+        programme = load_programme(settings.templates_dir)
+    except ValueError as error:
+        raise fail(str(error)) from None
+    except NurtureError as error:
+        raise fail(error) from None
+    costs = retention.Costs.from_settings(settings, programme.rules.margin_rate)
+    offers = {touch.name: touch.offer.kind for touch in programme.touches if touch.offer is not None}
+    with database_sessions(settings) as factory, factory() as session:
+        figures = retention.report(
+            session, window, costs, offers, lapsed_after=settings.lapsed_after, slipping_limit=slipping
+        )
+    if as_json:
+        typer.echo(json.dumps(figures.as_dict()))
+        return
+    _print_retention(figures)
+
+
+def _rate(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
+
+
+def _print_retention(report: retention.Report) -> None:
+    title = f"Retention per {report.period}, {report.since} to {report.until}"
+    table = Table(
+        title=title, caption="retention: of those who visited the period before, the share who came"
+    )
+    for name in ("period", "customers", "new", "base", "retained", "retention", "churn"):
+        table.add_column(name, justify="left" if name == "period" else "right")
+    for p in report.periods:
+        name = f"{p.period} (so far)" if p.partial else p.period
+        table.add_row(
+            name, f"{p.active:,}", f"{p.new:,}", f"{p.base:,}", f"{p.retained:,}",
+            _rate(p.retention_rate), _rate(p.churn_rate),
+        )  # fmt: skip
+    console.print(table)
+    cohorts = Table(title=f"Cohorts: share who visited in each {report.period} after the first")
+    cohorts.add_column("first visit")
+    cohorts.add_column("customers", justify="right")
+    longest = max((len(c.retention) for c in report.cohorts), default=0)
+    for k in range(1, longest):
+        cohorts.add_column(f"+{k}", justify="right")
+    for c in report.cohorts:
+        cohorts.add_row(c.cohort, f"{c.customers:,}", *(f"{share:.0%}" for share in c.retention[1:]))
+    console.print(cohorts)
+    summary = Table(show_header=False, title="Customers over the report")
+    summary.add_row("customers who visited", f"{report.customers:,}")
+    summary.add_row("new (first visit ever)", f"{report.new_customers:,}")
+    summary.add_row("retained (had visited before)", f"{report.retained_customers:,}")
+    summary.add_row("repeat-visit rate (2+ visits)", _rate(report.repeat_visit_rate))
+    summary.add_row(f"churn per {report.period} (complete ones)", _rate(report.churn_rate_per_period))
+    summary.add_row("churn per year", _rate(report.churn_rate_per_year))
+    lifetime = report.expected_lifetime_years
+    summary.add_row("expected lifetime", "-" if lifetime is None else f"{lifetime:.1f} years")
+    asked = report.cancellations
+    summary.add_row(
+        "cancellation requests saved",
+        f"{asked['saved']:,} of {asked['asked']:,} ({_rate(asked['saved_share'])})",
+    )
+    s = report.satisfaction
+    summary.add_row(
+        "satisfied / neutral / dissatisfied", f"{s['satisfied']:,} / {s['neutral']:,} / {s['dissatisfied']:,}"
+    )
+    nps, csat = s["nps"], s["csat"]
+    summary.add_row(
+        "NPS promoters / passives / detractors",
+        f"{nps['promoters']:,} / {nps['passives']:,} / {nps['detractors']:,}"
+        + ("" if nps["score"] is None else f" (NPS {nps['score']:+d})"),
+    )
+    summary.add_row(
+        "CSAT satisfied / neutral / dissatisfied",
+        f"{csat['satisfied']:,} / {csat['neutral']:,} / {csat['dissatisfied']:,}"
+        f" ({_rate(csat['score'])} satisfied)",
+    )
+    summary.add_row("complaints (still open)", f"{s['complaints']:,} ({s['complaints_open']:,})")
+    m = report.messages
+    summary.add_row(
+        "messages sent", f"{m['email']:,} emails, {m['sms']:,} SMS ({m['sms_segments']:,} segments)"
+    )
+    console.print(summary)
+    money = Table(
+        title="Revenue and lifetime value, per currency",
+        caption="lifetime value: margin × spend per visit × visits a year × expected lifetime",
+    )
+    for name in (
+        "currency",
+        "customers",
+        "revenue",
+        "per customer",
+        "per visit",
+        "visits a year",
+        "lifetime",
+    ):
+        money.add_column(name, justify="left" if name == "currency" else "right")
+    for row in report.money:
+        money.add_row(
+            row.currency, f"{row.customers:,}", f"{row.revenue:,}", f"{row.revenue_per_customer:,}",
+            f"{row.revenue_per_visit:,}", f"{row.visits_per_customer_per_year:.1f}",
+            _amount(row.lifetime_value),
+        )  # fmt: skip
+    console.print(money)
+    cost = Table(
+        title="Cost of retention, per currency",
+        caption="offers at face value on the contact's average visit; message and acquisition costs are set"
+        " in NURTURE_DEFAULT_CURRENCY",
+    )
+    for name in ("currency", "retained", "incentives", "messages", "per retained", "acquisition", "ratio"):
+        cost.add_column(name, justify="left" if name == "currency" else "right")
+    for row in report.money:
+        ratio = row.retention_to_acquisition
+        cost.add_row(
+            row.currency, f"{row.retained_customers:,}", f"{row.incentive_cost:,}", _amount(row.message_cost),
+            _amount(row.retention_cost_per_retained), _amount(row.acquisition_cost),
+            "-" if ratio is None else f"{ratio:.0%}",
+        )  # fmt: skip
+    console.print(cost)
+    warning = Table(
+        "customer", "visits", "last visit", "usual gap", "days since", "late now", "a week ago",
+        title=f"Early warning: {report.slipping_count:,} customers slipping past their rhythm",
+        caption="late: days past the usual gap, in usual gaps; none in the last week, not lapsed yet",
+    )  # fmt: skip
+    for late in report.slipping:
+        warning.add_row(
+            f"{escape(late.name)} ({escape(late.external_id)})", str(late.visits),
+            f"{late.last_visit:%Y-%m-%d}",
+            f"{late.usual_interval_days:.0f} d", f"{late.days_since:.0f} d", f"{late.late_now:.0%}",
+            f"{late.late_week_ago:.0%}",
+        )  # fmt: skip
+    console.print(warning)
+
+
+def _amount(value: Decimal | None) -> str:
+    return "-" if value is None else f"{value:,}"

@@ -200,3 +200,26 @@ def insert_new(session: Session, table: Any, *, unique: Sequence[str]) -> Any:
     dialect = session.get_bind().dialect.name
     make = postgresql_insert if dialect == "postgresql" else sqlite_insert
     return make(table).on_conflict_do_nothing(index_elements=list(unique))
+
+
+class month_number(FunctionElement[int]):
+    """Months since the year 0 of a stored instant's UTC date (year x 12 + month - 1), on every dialect."""
+
+    type = Integer()
+    inherit_cache = True
+
+
+@compiles(month_number, "sqlite")
+def _month_number_sqlite(element: month_number, compiler: SQLCompiler, **kw: Any) -> str:
+    # Stored instants are naive UTC text, 'YYYY-MM-DD HH:MM:SS...': slicing it is much faster than strftime.
+    instant = compiler.process(element.clauses, **kw)
+    return f"(CAST(substr({instant}, 1, 4) AS INTEGER) * 12 + CAST(substr({instant}, 6, 2) AS INTEGER) - 1)"
+
+
+@compiles(month_number, "postgresql")
+def _month_number_postgresql(element: month_number, compiler: SQLCompiler, **kw: Any) -> str:
+    instant = compiler.process(element.clauses, **kw)
+    return (
+        f"CAST(EXTRACT(YEAR FROM ({instant}) AT TIME ZONE 'UTC') * 12"
+        f" + EXTRACT(MONTH FROM ({instant}) AT TIME ZONE 'UTC') - 1 AS INTEGER)"
+    )

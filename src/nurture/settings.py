@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from decimal import Decimal
 from email.utils import parseaddr
 from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -201,6 +202,13 @@ class Settings(BaseSettings):
         None,
         description="The reply to HELP or INFO; by default the business name and phone, and how to stop.",
     )
+
+    # Retention figures (see README, "Retention"): costs in NURTURE_DEFAULT_CURRENCY.
+    acquisition_cost: Decimal | None = Field(
+        None, ge=0, description="What winning one new customer costs, to weigh the cost of retention against."
+    )
+    email_cost: Decimal = Field(Decimal(0), ge=0, description="What sending one email costs.")
+    sms_segment_cost: Decimal = Field(Decimal(0), ge=0, description="What sending one SMS segment costs.")
 
     @field_validator("public_url", "sendgrid_base_url", "twilio_base_url")
     @classmethod
