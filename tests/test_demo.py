@@ -50,6 +50,9 @@ def test_demo_imports_profiles_simulates_and_sends_in_its_own_folder(tmp_path: P
     assert len(list(outbox.glob("sms/*.json"))) == texts
     assert f"The outbox holds {emails:,} emails" in output
     assert f"{outbox}/" in output.splitlines()
+    report = (tmp_path / "demo" / "report.html").absolute()
+    assert str(report) in output.splitlines()
+    assert 'id="report-data"' in report.read_text(encoding="utf-8")
 
 
 def test_demo_needs_the_programme(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -26,6 +26,7 @@ from nurture.errors import NurtureError, ProfileNotRefreshed, UnknownTouch
 from nurture.imports import ImportKind, import_file
 from nurture.models import Channel
 from nurture.programme import load_programme
+from nurture.reports import html as html_report
 from nurture.settings import Settings, load_settings
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, help=__doc__)
@@ -579,10 +580,14 @@ def report_retention(
     except NurtureError as error:
         raise fail(error) from None
     costs = retention.Costs.from_settings(settings, programme.rules.margin_rate)
-    offers = {touch.name: touch.offer.kind for touch in programme.touches if touch.offer is not None}
     with database_sessions(settings) as factory, factory() as session:
         figures = retention.report(
-            session, window, costs, offers, lapsed_after=settings.lapsed_after, slipping_limit=slipping
+            session,
+            window,
+            costs,
+            retention.offer_kinds(programme),
+            lapsed_after=settings.lapsed_after,
+            slipping_limit=slipping,
         )
     if as_json:
         typer.echo(json.dumps(figures.as_dict()))
@@ -705,3 +710,34 @@ def _print_retention(report: retention.Report) -> None:
 
 def _amount(value: Decimal | None) -> str:
     return "-" if value is None else f"{value:,}"
+
+
+@report_app.command("html")
+def report_html(
+    out: Annotated[Path, typer.Option(help="The HTML file to write.", dir_okay=False)] = Path("report.html"),
+    since: Annotated[
+        str | None,
+        typer.Option(help="First day (YYYY-MM-DD), rounded down to its period; default 12 periods."),
+    ] = None,
+    until: Annotated[
+        str | None, typer.Option(help="Last day (YYYY-MM-DD), included; default today (UTC).")
+    ] = None,
+    period: Annotated[retention.Period, typer.Option(help="What retention is counted over.")] = (
+        retention.Period.MONTH
+    ),
+) -> None:
+    """Write one self-contained HTML file with the charts: opens anywhere, without a network."""
+    settings = load_settings()
+    now = dt.datetime.now(dt.UTC)
+    last = _report_date(until, "--until") or now.date()
+    try:
+        window = retention.Window.of(last, _report_date(since, "--since"), period)
+        programme = load_programme(settings.templates_dir)
+    except ValueError as error:
+        raise fail(str(error)) from None
+    except NurtureError as error:
+        raise fail(error) from None
+    with database_sessions(settings) as factory, factory() as session:
+        page = html_report.build(session, window, settings, programme, now=now)
+    out.write_text(page, encoding="utf-8")
+    console.print(f"report written to {out}; it opens in any browser, without a network", soft_wrap=True)

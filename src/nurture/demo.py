@@ -34,13 +34,14 @@ from rich.text import Text
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from nurture import db, profiles, simulation, synthetic
+from nurture import db, profiles, retention, simulation, synthetic
 from nurture.calendar import RunSummary, run_calendar
 from nurture.channels.outbox import message_path
 from nurture.errors import DemoError
 from nurture.imports import ImportSummary, import_file
 from nurture.models import Channel, Contact, ContactProfile, Satisfaction, Send, SendStatus, Stage, ValueTier
 from nurture.programme import Programme, load_programme
+from nurture.reports import html as html_report
 from nurture.settings import Settings
 
 MARKER = ".nurture-demo"
@@ -147,9 +148,34 @@ def run(options: DemoOptions, console: Console) -> None:
                 show_sends(console, session, programme, played)
                 show_messages(console, session, settings)
             show_outbox(console, settings)
+        console.rule("[bold]6. The retention report")
+        write_report(sessions, settings, programme, options, console)
     finally:
         engine.dispose()
     console.print(f"\nEverything the demo wrote is in {options.directory}/", soft_wrap=True)
+
+
+def write_report(
+    sessions: sessionmaker[Session],
+    settings: Settings,
+    programme: Programme,
+    options: DemoOptions,
+    console: Console,
+) -> Path:
+    """Write the HTML retention report of the year up to the demo's last day, and say where it is."""
+    last_day = HISTORY_END + dt.timedelta(days=options.days) - dt.timedelta(days=1)
+    window = retention.Window.of(last_day)
+    at = dt.datetime.combine(last_day + dt.timedelta(days=1), dt.time(), tzinfo=dt.UTC)
+    with sessions() as session:
+        page = html_report.build(session, window, settings, programme, now=at)
+    path = options.directory / "report.html"
+    path.write_text(page, encoding="utf-8")
+    console.print(
+        f"The retention report, {window.start:%b %Y} to {last_day:%d %b %Y}, with its charts, is one file"
+        f" that opens in any browser without a network:\n{path.absolute()}",
+        soft_wrap=True,
+    )
+    return path
 
 
 @dataclass

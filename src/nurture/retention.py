@@ -69,7 +69,7 @@ from nurture.models import (
     UTCDateTime,
     Visit,
 )
-from nurture.programme import OfferKind
+from nurture.programme import OfferKind, Programme
 from nurture.settings import Settings
 
 DAY = 86400.0
@@ -159,6 +159,11 @@ class Window:
     @property
     def years(self) -> float:
         return (self.end - self.start).total_seconds() / DAY / YEAR_DAYS
+
+
+def offer_kinds(programme: Programme) -> dict[str, OfferKind]:
+    """The kind of each touch's offer, for the touches that carry one."""
+    return {touch.name: touch.offer.kind for touch in programme.touches if touch.offer is not None}
 
 
 @dataclass(frozen=True)
@@ -558,9 +563,14 @@ def _messages(session: Session, window: Window) -> dict[str, int]:
 
 
 def _incentive_costs(
-    session: Session, window: Window, offers: Mapping[str, OfferKind], default_currency: str
-) -> dict[str, Decimal]:
-    """What the offers sent during the window could cost, per currency of their contacts."""
+    session: Session,
+    window: Window,
+    offers: Mapping[str, OfferKind],
+    default_currency: str,
+    *,
+    by: ColumnElement[int] | None = None,
+) -> dict[Any, Decimal]:
+    """What the offers sent during the window could cost, per currency of their contacts (and ``by``)."""
     by_kind = defaultdict(list)
     for touch, kind in offers.items():
         by_kind[kind].append(touch)
@@ -572,15 +582,20 @@ def _incentive_costs(
         (Send.touch.in_(by_kind[OfferKind.FREE_SERVICE] or [""]), visit),
         else_=literal(0),
     )
-    currency = func.coalesce(p.currency, default_currency)
+    keys = (
+        [func.coalesce(p.currency, default_currency)]
+        if by is None
+        else [by, func.coalesce(p.currency, default_currency)]
+    )
     rows = session.execute(
-        select(currency, func.sum(func.coalesce(cost, 0)))
+        select(*keys, func.sum(func.coalesce(cost, 0)))
         .select_from(Send)
         .outerjoin(p, p.contact_id == Send.contact_id)
         .where(_sent_in(window), Send.incentive.is_not(None))
-        .group_by(currency)
+        .group_by(*keys)
     )
-    return {code: _money_value(value) for code, value in rows}
+    # Keyed by the currency, or by (``by``, currency).
+    return {row[0] if by is None else (row[0], row[1]): _money_value(row[-1]) for row in rows}
 
 
 def _money_value(value: Any) -> Decimal:
@@ -804,3 +819,57 @@ def _slipping(
             )
         )
     return count, found
+
+
+@dataclass(frozen=True)
+class Moment:
+    """One period of the timeline: messages sent, visits, revenue and incentive cost per currency."""
+
+    period: str
+    start: dt.date
+    emails: int
+    sms: int
+    visits: int
+    revenue: dict[str, Decimal]
+    incentive_cost: dict[str, Decimal]
+
+
+def timeline(
+    session: Session, window: Window, offers: Mapping[str, OfferKind], default_currency: str
+) -> list[Moment]:
+    """Per period of ``window``: messages sent, visits and revenue, and what the offers sent could cost."""
+    visit_period = period_index(window.period, Visit.occurred_at)
+    visits: dict[int, int] = defaultdict(int)
+    revenue: dict[int, dict[str, Decimal]] = defaultdict(dict)
+    for index, currency, count, amount in session.execute(
+        select(visit_period, Visit.currency, func.count(), func.sum(Visit.amount))
+        .where(Visit.occurred_at >= window.start, Visit.occurred_at < window.end)
+        .group_by(visit_period, Visit.currency)
+    ):
+        visits[index] += count
+        revenue[index][currency] = _money_value(amount)
+    send_period = period_index(window.period, Send.sent_at)
+    sent: dict[tuple[int, Channel | None], int] = defaultdict(int)
+    for index, channel, count in session.execute(
+        select(send_period, Send.channel, func.count())
+        .where(_sent_in(window))
+        .group_by(send_period, Send.channel)
+    ):
+        sent[(index, channel)] += count
+    costs: dict[int, dict[str, Decimal]] = defaultdict(dict)
+    for (index, currency), cost in _incentive_costs(
+        session, window, offers, default_currency, by=send_period
+    ).items():
+        costs[index][currency] = cost
+    return [
+        Moment(
+            period=label(window.period, index),
+            start=start_of(window.period, index),
+            emails=sent[(index, Channel.EMAIL)],
+            sms=sent[(index, Channel.SMS)],
+            visits=visits[index],
+            revenue=revenue[index],
+            incentive_cost=costs[index],
+        )
+        for index in range(window.first, window.last + 1)
+    ]

@@ -1,0 +1,1 @@
+"""Reports people look at: one self-contained HTML file with charts (``nurture report html``)."""
