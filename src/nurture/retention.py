@@ -335,43 +335,43 @@ def report(
     for table in (_SPEND, _CUSTOMERS):
         table.drop(connection, checkfirst=True)
         table.create(connection)
-    try:
-        _fill(session, window)
-        periods = _periods(session, window)
-        cohorts = _cohorts(session, window)
-        complete = [p for p in periods if not p.partial and p.base]
-        base = sum(p.base for p in complete)
-        churn = 1 - sum(p.retained for p in complete) / base if base else None
-        yearly = _yearly_churn(session, window)
-        lifetime = 1 / yearly if yearly else None
-        totals = _totals(session, window)
-        messages = _messages(session, window)
-        money = _money(session, window, costs, offers, messages, lifetime)
-        slipping_count, slipping = _slipping(session, window, lapsed_after, slipping_limit)
-        return Report(
-            period=window.period,
-            since=start_of(window.period, window.first),
-            until=window.until,
-            periods=periods,
-            cohorts=cohorts,
-            customers=totals["customers"],
-            repeat_customers=totals["repeat"],
-            repeat_visit_rate=_share(totals["repeat"], totals["customers"]),
-            retained_customers=totals["retained"],
-            new_customers=totals["new"],
-            churn_rate_per_period=churn,
-            churn_rate_per_year=yearly,
-            expected_lifetime_years=lifetime,
-            money=money,
-            messages=messages,
-            cancellations=_cancellations(session, window),
-            satisfaction=_satisfaction(session, window),
-            slipping_count=slipping_count,
-            slipping=slipping,
-        )
-    finally:
-        for table in (_SPEND, _CUSTOMERS):
-            table.drop(connection)
+    # Not dropped when a query fails: the caller's rollback undoes their creation with the rest.
+    _fill(session, window)
+    periods = _periods(session, window)
+    cohorts = _cohorts(session, window)
+    complete = [p for p in periods if not p.partial and p.base]
+    base = sum(p.base for p in complete)
+    churn = 1 - sum(p.retained for p in complete) / base if base else None
+    yearly = _yearly_churn(session, window)
+    lifetime = 1 / yearly if yearly else None
+    totals = _totals(session, window)
+    messages = _messages(session, window)
+    money = _money(session, window, costs, offers, messages, lifetime)
+    slipping_count, slipping = _slipping(session, window, lapsed_after, slipping_limit)
+    figures = Report(
+        period=window.period,
+        since=start_of(window.period, window.first),
+        until=window.until,
+        periods=periods,
+        cohorts=cohorts,
+        customers=totals["customers"],
+        repeat_customers=totals["repeat"],
+        repeat_visit_rate=_share(totals["repeat"], totals["customers"]),
+        retained_customers=totals["retained"],
+        new_customers=totals["new"],
+        churn_rate_per_period=churn,
+        churn_rate_per_year=yearly,
+        expected_lifetime_years=lifetime,
+        money=money,
+        messages=messages,
+        cancellations=_cancellations(session, window),
+        satisfaction=_satisfaction(session, window),
+        slipping_count=slipping_count,
+        slipping=slipping,
+    )
+    for table in (_SPEND, _CUSTOMERS):
+        table.drop(connection)
+    return figures
 
 
 def _yearly_churn(session: Session, window: Window) -> float | None:
