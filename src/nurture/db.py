@@ -179,6 +179,23 @@ def _instant_postgresql(element: instant_from_epoch, compiler: SQLCompiler, **kw
     return f"to_timestamp(round(CAST({compiler.process(element.clauses, **kw)} AS DOUBLE PRECISION)))"
 
 
+class greatest(FunctionElement[float]):
+    """The largest of several numbers, none of them NULL (SQLite's many-argument ``max``, ``GREATEST``)."""
+
+    type = Float()
+    inherit_cache = True
+
+
+@compiles(greatest, "sqlite")
+def _greatest_sqlite(element: greatest, compiler: SQLCompiler, **kw: Any) -> str:
+    return f"max({compiler.process(element.clauses, **kw)})"
+
+
+@compiles(greatest, "postgresql")
+def _greatest_postgresql(element: greatest, compiler: SQLCompiler, **kw: Any) -> str:
+    return f"GREATEST({compiler.process(element.clauses, **kw)})"
+
+
 def exclusive(session: Session, name: str) -> None:
     """Take the lock called ``name`` until the session's transaction ends, so that two runs never interleave.
 

@@ -232,12 +232,12 @@ def write_profiles(
     session: Session, settings: Settings, basis: Basis, low: int | None = None, high: int | None = None
 ) -> None:
     """Write the profiles as of ``basis.at``, of everyone or of the contacts with ids in [low, high)."""
-    query = _profiles_query(settings, basis.at, basis.priors, basis.bounds)
+    among = []
     if low is not None:
-        query = query.where(ContactFacts.contact_id >= low)
+        among.append(ContactFacts.contact_id >= low)
     if high is not None:
-        query = query.where(ContactFacts.contact_id < high)
-    _write_profiles(session, query)
+        among.append(ContactFacts.contact_id < high)
+    _write_profiles(session, _profiles_query(settings, basis.at, basis.priors, basis.bounds, *among))
 
 
 def _write_profiles(session: Session, query: Select[Any]) -> None:
@@ -507,8 +507,8 @@ def _expectations(settings: Settings, at: dt.datetime, priors: _Priors) -> tuple
     elapsed = (at.timestamp() - facts.last_epoch) / DAY
     # The visit rate ahead slows once a customer is overdue: one visit per expected interval or per the
     # time already waited, whichever is longer; and never more than one visit day a day.
-    wait = case((elapsed > expected, elapsed), else_=expected)
-    rate = YEAR_DAYS / case((wait > 1.0, wait), else_=1.0)
+    # (One GREATEST, not nested CASEs: each CASE branch would compute ``expected`` once more.)
+    rate = YEAR_DAYS / db.greatest(elapsed, expected, 1.0)
     value = func.round(cast(facts.total_spend / facts.visit_days * rate, Numeric), 2)
     return expected, elapsed, value
 
@@ -547,11 +547,34 @@ def _tier_bounds(
 
 
 def _profiles_query(
-    settings: Settings, at: dt.datetime, priors: _Priors, bounds: tuple[_Rank | None, _Rank | None]
+    settings: Settings,
+    at: dt.datetime,
+    priors: _Priors,
+    bounds: tuple[_Rank | None, _Rank | None],
+    *among: ColumnElement[bool],
 ) -> Select[Any]:
-    """One SELECT that yields a ``contact_profiles`` row per contact as of ``at``, from ``contact_facts``."""
-    facts = ContactFacts
+    """One SELECT that yields a ``contact_profiles`` row per contact as of ``at``, from ``contact_facts``.
+
+    ``among`` narrows the contacts (conditions on ``contact_facts``).
+    """
+    # Each contact's expected interval, days since the last visit and value, worked out once, in a
+    # materialized CTE: the stage and tier below compare them several times each, and the database would
+    # otherwise compute the whole expression again at every mention.
     expected, elapsed, value = _expectations(settings, at, priors)
+    scored = (
+        select(
+            *ContactFacts.__table__.columns,
+            expected.label("expected"),
+            elapsed.label("elapsed"),
+            # (Guarded: without visits there is no value, and PostgreSQL refuses to divide by zero.)
+            case((ContactFacts.visit_days > 0, value), else_=None).label("value"),
+        )
+        .where(*among)
+        .cte("scored")
+        .prefix_with("MATERIALIZED")
+    )
+    facts = scored.c
+    expected, elapsed, value = facts.expected, facts.elapsed, facts.value
 
     def up_to(bound: _Rank | None) -> ColumnElement[bool]:
         """Ranked at or before ``bound``: more value, or as much and more spend, or both and a lower id."""
