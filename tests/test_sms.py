@@ -63,3 +63,24 @@ def test_spanish_and_portuguese_accents_cut_a_segment_to_70() -> None:
 
 def test_an_empty_body_is_no_segment() -> None:
     assert encode_info("").segments == 0
+
+
+@pytest.mark.parametrize(
+    ("body", "forced"),
+    [
+        ("We\u2019re open!", {"\u2019": "'"}),
+        ("Book now \u2014 20% off\u2026", {"\u2014": "-", "\u2026": "..."}),
+        ("10\u00a0€ off", {"\u00a0": " "}),
+        ("We're open", {}),  # GSM-7 already
+        ("Não perca \u2014 20% off", {}),  # ã needs UCS-2 whatever the dash is
+        ("Hi \U0001f600 \u201cfriend\u201d", {}),  # so does an emoji
+    ],
+)
+def test_look_alikes_are_named_only_when_they_alone_force_ucs2(body: str, forced: dict[str, str]) -> None:
+    from nurture.sms import forced_ucs2
+
+    assert forced_ucs2(body) == forced
+    if forced:
+        assert encode_info(body).encoding == UCS_2
+        fixed = "".join(forced.get(char, char) for char in body)
+        assert encode_info(fixed).encoding == GSM_7

@@ -25,7 +25,7 @@ import os
 import threading
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -49,7 +49,7 @@ from sqlalchemy.orm import Session, aliased, sessionmaker
 
 from nurture import consent, db, ledger, profiles
 from nurture.channels import Delivery, Messenger, OutgoingMessage, messenger_for
-from nurture.errors import TemplateError, UnknownTouch
+from nurture.errors import ContactNotFound, ProfileNotRefreshed, TemplateError, UnknownTouch
 from nurture.models import (
     Channel,
     Consent,
@@ -665,6 +665,37 @@ class Calendar:
             },
         }
 
+    def preview_context(
+        self,
+        recipient: Recipient,
+        touch: Touch,
+        channel: Channel,
+        *,
+        tags: Sequence[str] = (),
+        step: int | None = None,
+        friend: str | None = None,
+        had: Collection[str] = (),
+    ) -> dict[str, Any]:
+        """Give the context ``touch`` would be rendered with for ``recipient`` on ``channel`` now.
+
+        For previews and test sends: the same context a run builds, with the content item the next
+        send would carry (``had``: the items already sent), the win-back ``step`` (1 by default) and
+        the referred ``friend``'s first name.
+        """
+        today = local_date(self.at, recipient.timezone)
+        content = None
+        if isinstance(touch.trigger, Every) and touch.trigger.content and self.programme.content:
+            content = _pick_content(self.programme.content, tags, set(had)) or self.programme.content[0]
+        if isinstance(touch.trigger, Lapsed):
+            step = step or 1
+        friend_id = None if friend is None else -1
+        due = Due(
+            recipient.id, touch, "preview", today, None, step=step, friend_id=friend_id, content=content
+        )
+        offer_value = None if touch.offer is None else touch.offer.value_for(ValueTier(recipient.value_tier))
+        plan = Plan(f"preview:{touch.name}", due, recipient, channel, offer_value, today, False)
+        return self._context(plan, {-1: friend}, {recipient.id: list(tags)})
+
     # What is due: one query per touch over a range of contacts.
 
     def _due(self, session: Session, touch: Touch, low: int, high: int) -> Iterator[Due]:
@@ -1250,3 +1281,39 @@ def run_calendar(
             for part in threads.map(run.send, *zip(*ranges, strict=True)):
                 summary.combine(part)
         return summary
+
+
+# Previews and test sends of one real contact.
+
+
+@dataclass(frozen=True, slots=True)
+class ContactPreview:
+    """What a preview of one contact's messages needs beyond its ``Recipient``."""
+
+    recipient: Recipient
+    tags: list[str]
+    friend: str | None  # the first name of the last friend they referred
+    had: dict[str, set[str]]  # by touch: the occurrences already in the ledger (content items sent)
+
+
+def contact_preview(session: Session, external_id: str) -> ContactPreview:
+    """Load what rendering one contact's messages needs; the profile must have been refreshed."""
+    contact_id = session.scalar(select(C.id).where(C.external_id == external_id))
+    if contact_id is None:
+        raise ContactNotFound(external_id=external_id)
+    recipient = _recipients(session, {contact_id}).get(contact_id)
+    if recipient is None:
+        raise ProfileNotRefreshed(external_id=external_id)
+    friend = session.scalar(
+        select(C.first_name)
+        .join(Referral, Referral.referred_id == C.id)
+        .where(Referral.referrer_id == contact_id)
+        .order_by(Referral.created_at.desc(), Referral.id.desc())
+        .limit(1)
+    )
+    had: dict[str, set[str]] = defaultdict(set)
+    for touch, occurrence in session.execute(
+        select(Send.touch, Send.occurrence).where(Send.contact_id == contact_id)
+    ):
+        had[touch].add(occurrence)
+    return ContactPreview(recipient, _tags(session, {contact_id}).get(contact_id, []), friend, dict(had))

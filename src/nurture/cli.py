@@ -326,6 +326,27 @@ def templates_check(templates_dir: TemplatesDir = None) -> None:
     console.print(f"{summary}; every template renders", highlight=False)
 
 
+@templates_app.command("lint")
+def templates_lint(templates_dir: TemplatesDir = None) -> None:
+    """Check every template: syntax, variables, locales, unsubscribe links, SMS cost, email size."""
+    from nurture.lint import lint_templates
+
+    settings = load_settings()
+    folder = templates_dir or settings.templates_dir
+    report = lint_templates(folder, settings, at=dt.datetime.now(dt.UTC))
+    for finding in report.findings:
+        # Plain `file:line: severity: message` lines, never wrapped, for editors and CI to read.
+        typer.echo(str(finding))
+    errors, warnings = len(report.errors), len(report.warnings)
+    summary = (
+        f"{report.rendered} messages rendered from {folder} for every persona:"
+        f" {errors} error{'s' if errors != 1 else ''}, {warnings} warning{'s' if warnings != 1 else ''}"
+    )
+    typer.echo(summary, err=True)
+    if errors:
+        raise typer.Exit(code=1)
+
+
 @templates_app.command("preview")
 def templates_preview(
     touch: Annotated[str, typer.Argument(help="The touch, e.g. welcome or winback.")],

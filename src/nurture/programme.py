@@ -210,6 +210,11 @@ class Rules(_Strict):
     """``programme.yaml``: what every touch shares."""
 
     default_locale: str = "en"
+    locales: list[str] | None = Field(
+        None,
+        description="Locales every touch must have templates in (`nurture templates lint` checks);"
+        " default: the default locale and every locale folder found.",
+    )
     send_window: Window = Window()
     caps: Caps = Caps()
     holdout: float = Field(0.10, ge=0, lt=1)
@@ -401,6 +406,13 @@ def _load(
                 )
             )
         return None
+
+
+def load_file(
+    path: Path, model: type[_M], problems: list[ProgrammeProblem], defaults: Mapping[str, Any] | None = None
+) -> _M | None:
+    """Load one YAML file as ``model``; on failure add each problem, with its line, to ``problems``."""
+    return _load(path, model, problems, defaults)
 
 
 def _is_union_tag(part: str | int, error: Any) -> bool:

@@ -461,6 +461,56 @@ class _MarkedStyles(HTMLParser):
         self.handle_starttag(tag, attrs)
 
 
+# The render context: every variable a template may use. The README documents it and
+# `nurture templates lint` checks templates against it; the calendar builds exactly these.
+
+
+@dataclass(frozen=True, slots=True)
+class Variable:
+    """One variable every template gets: what it holds and, for a mapping, its fields."""
+
+    holds: str
+    fields: tuple[str, ...] = ()
+    optional: tuple[str, ...] = ()  # fields only sometimes there: test them with ``is defined``
+
+
+CONTEXT: Final[Mapping[str, Variable]] = {
+    "contact": Variable(
+        "the contact",
+        ("first_name", "last_name", "email", "phone", "locale", "timezone", "referral_code", "tags"),
+    ),
+    "profile": Variable(
+        "where the contact stands",
+        (
+            "stage",
+            "value_tier",
+            "satisfaction",
+            "visits",
+            "last_visit",
+            "expected_next_visit",
+            "points",
+            "stamps",
+            "punch_card_size",
+            "stamps_to_go",
+        ),
+    ),
+    "offer": Variable(
+        "the touch's offer, or None", ("kind", "value", "currency", "code", "expires_on", "description")
+    ),
+    "content": Variable("education only: the content item", ("id", "title", "summary", "body", "url")),
+    "friend": Variable("referral_reward only: the referred friend", ("first_name",)),
+    "step": Variable("winback only: 1, 2 or 3"),
+    "business": Variable("from NURTURE_BUSINESS_*", ("name", "website", "booking_url", "address", "phone")),
+    "links": Variable(
+        "links for this message", ("unsubscribe", "booking", "survey", "referral"), ("preferences",)
+    ),
+    "touch": Variable("the touch's name"),
+    "today": Variable("the contact's local date"),
+    "locale": Variable("the formatting locale (pt_BR)"),
+    "template_locale": Variable("the templates' folder used (pt)"),
+}
+
+
 # Business settings as the templates' ``business`` variable.
 
 

@@ -157,6 +157,13 @@ class Settings(BaseSettings):
         1000, ge=1, description="Messages claimed, sent and recorded together: one commit each way per batch."
     )
 
+    sms_max_segments: int = Field(
+        4,
+        ge=1,
+        description="Segments an SMS may take before `nurture templates lint` fails it: each segment is"
+        " billed as one message.",
+    )
+
     calendar_processes: int = Field(
         0,
         ge=0,

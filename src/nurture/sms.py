@@ -83,3 +83,51 @@ def _segments(
             segments, used = segments + 1, 0
         used += width
     return segments
+
+
+# Characters outside GSM 03.38 that look like one inside it (after Twilio's "Smart Encoding" list): one of
+# them in an otherwise GSM-7 body makes the whole message UCS-2, at 70 characters a segment instead of 160.
+LOOKALIKES: Final[dict[str, str]] = {
+    "\u00a0": " ",  # no-break space
+    "\u2002": " ",  # en space
+    "\u2003": " ",  # em space
+    "\u2009": " ",  # thin space
+    "\u202f": " ",  # narrow no-break space
+    "\u200b": "",  # zero-width space
+    "\u00ad": "",  # soft hyphen
+    "\u2010": "-",  # hyphen
+    "\u2011": "-",  # non-breaking hyphen
+    "\u2012": "-",  # figure dash
+    "\u2013": "-",  # en dash
+    "\u2014": "-",  # em dash
+    "\u2212": "-",  # minus sign
+    "\u2018": "'",  # left single quotation mark
+    "\u2019": "'",  # right single quotation mark (and curly apostrophe)
+    "\u201a": "'",  # single low-9 quotation mark
+    "\u2032": "'",  # prime
+    "\u00b4": "'",  # acute accent
+    "`": "'",  # grave accent
+    "\u201c": '"',  # left double quotation mark
+    "\u201d": '"',  # right double quotation mark
+    "\u201e": '"',  # double low-9 quotation mark
+    "\u2033": '"',  # double prime
+    "\u00ab": '"',  # left-pointing double angle quotation mark
+    "\u00bb": '"',  # right-pointing double angle quotation mark
+    "\u2026": "...",  # horizontal ellipsis
+    "\u2022": "-",  # bullet
+    "\u02c6": "^",  # modifier letter circumflex
+    "\u02dc": "~",  # small tilde
+}
+
+
+def forced_ucs2(body: str) -> dict[str, str]:
+    """Give the look-alike characters that alone make ``body`` UCS-2, each with its GSM-7 replacement.
+
+    Empty when the body is GSM-7 already, or when it would stay UCS-2 without them (an ``ã`` or an
+    emoji needs UCS-2 whatever the quotes are).
+    """
+    found = {char: LOOKALIKES[char] for char in dict.fromkeys(body) if char in LOOKALIKES}
+    if not found or _GSM_ANY.issuperset(body):
+        return {}
+    plain = "".join(found.get(char, char) for char in body)
+    return found if _GSM_ANY.issuperset(plain) else {}
