@@ -349,7 +349,7 @@ def test_preview_shows_subject_text_and_sms_segments() -> None:
 def test_preview_of_an_unknown_touch_is_one_error_line() -> None:
     result = run("templates", "preview", "no_such_touch", "--templates-dir", str(TEMPLATES))
     assert result.exit_code == 1
-    assert "error:" in result.output and "no email templates" in result.output
+    assert "error:" in result.output and "unknown touch no_such_touch" in result.output
 
 
 @pytest.mark.parametrize("locale", LOCALES)

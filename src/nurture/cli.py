@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from nurture import db, demo, ledger, profiles, rendering, retention, synthetic
 from nurture.errors import NurtureError, ProfileNotRefreshed, UnknownTouch
 from nurture.imports import ImportKind, import_file
-from nurture.models import Channel
+from nurture.models import Channel, SendStatus
 from nurture.programme import load_programme
 from nurture.reports import html as html_report
 from nurture.settings import Settings, load_settings
@@ -347,40 +347,156 @@ def templates_lint(templates_dir: TemplatesDir = None) -> None:
         raise typer.Exit(code=1)
 
 
+ContactOption = Annotated[
+    str | None,
+    typer.Option("--contact", metavar="ID", help="A real contact's external id (needs the database)."),
+]
+PersonaOption = Annotated[
+    str | None,
+    typer.Option(
+        "--persona", metavar="NAME", help="A sample contact of personas.yaml; default: one in --locale."
+    ),
+]
+LocaleOption = Annotated[
+    str | None, typer.Option(help="Locale, e.g. es or pt_BR; default the contact's or persona's own.")
+]
+StepOption = Annotated[int | None, typer.Option(min=1, max=3, help="Win-back step (1-3); default 1.")]
+
+
+def _previews(
+    touch: str,
+    channels: list[Channel] | None,
+    *,
+    contact: str | None,
+    persona: str | None,
+    locale: str | None,
+    step: int | None,
+    templates_dir: Path | None,
+    anonymous: bool = False,
+) -> tuple[Settings, list[Any]]:
+    """Render ``touch`` for a contact or persona on each of ``channels`` (default: the touch's own)."""
+    from nurture.calendar import contact_preview
+    from nurture.preview import Previewer
+
+    if contact is not None and persona is not None:
+        raise fail("give --contact or --persona, not both")
+    settings = load_settings()
+    if templates_dir is not None:
+        settings = settings.model_copy(update={"templates_dir": templates_dir})
+    try:
+        previewer = Previewer(settings, dt.datetime.now(dt.UTC))
+        wanted = channels or previewer.touch(touch).channels
+        if contact is not None:
+            with database_sessions(settings) as sessions, sessions() as session:
+                loaded = contact_preview(session, contact)
+            return settings, [
+                previewer.for_contact(touch, c, loaded, locale=locale, step=step, anonymous=anonymous)
+                for c in wanted
+            ]
+        if persona is None:
+            language = (locale or "").replace("-", "_").split("_")[0]
+            names = list(previewer.personas)
+            persona = next(
+                (n for n in names if previewer.personas[n].locale.split("_")[0] == language), names[0]
+            )
+        return settings, [previewer.for_persona(touch, c, persona, locale=locale, step=step) for c in wanted]
+    except NurtureError as error:
+        raise fail(error) from None
+
+
 @templates_app.command("preview")
 def templates_preview(
     touch: Annotated[str, typer.Argument(help="The touch, e.g. welcome or winback.")],
-    locale: Annotated[
-        str | None, typer.Option(help="Locale, e.g. es or pt_BR; default NURTURE_DEFAULT_LOCALE.")
+    contact: ContactOption = None,
+    persona: PersonaOption = None,
+    locale: LocaleOption = None,
+    channel: Annotated[Channel | None, typer.Option(help="Only this channel; default the touch's.")] = None,
+    step: StepOption = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out", "--html", help="Write the email's HTML part (or, with --channel sms, the SMS) here."
+        ),
     ] = None,
-    channel: Annotated[Channel | None, typer.Option(help="Only this channel; default both.")] = None,
-    step: Annotated[int | None, typer.Option(min=1, max=3, help="Win-back step (1-3).")] = None,
-    html: Annotated[Path | None, typer.Option(help="Also write the HTML part to this file.")] = None,
     templates_dir: TemplatesDir = None,
 ) -> None:
-    """Show a touch rendered with sample data: subject, plain-text part, and SMS with its segments."""
-    settings = load_settings()
-    folder = templates_dir or settings.templates_dir
-    language = locale or settings.default_locale
-    renderer = rendering.Renderer(folder, default_locale=settings.default_locale)
-    context = rendering.sample_context(touch, language)
-    context["business"] = rendering.business_context(settings)
-    if touch == "winback" or step is not None:
-        context["step"] = step or 1
+    """Show a touch as a persona or a real contact would get it now: subject, text part, SMS and segments."""
+    _, previews = _previews(
+        touch,
+        [channel] if channel else None,
+        contact=contact,
+        persona=persona,
+        locale=locale,
+        step=step,
+        templates_dir=templates_dir,
+    )
+    written = False
+    for preview in previews:
+        message = preview.message
+        title = (
+            f"{touch} · {preview.channel} · {preview.who} · {preview.recipient.locale} · {message.template}"
+        )
+        if preview.channel is Channel.EMAIL:
+            body = f"[bold]Subject:[/] {escape(message.subject or '')}\n\n{escape(message.text)}"
+            if out is not None and not written and message.html is not None:
+                out.write_text(message.html, encoding="utf-8")
+                written = True
+                body += f"\n[dim]HTML part written to {escape(str(out))}[/]"
+        else:
+            body = f"{escape(message.text)}\n\n[dim]{message.encoding}, {message.segments} segment(s)[/]"
+            if out is not None and not written:
+                out.write_text(message.text + "\n", encoding="utf-8")
+                written = True
+                body += f"\n[dim]SMS written to {escape(str(out))}[/]"
+        console.print(Panel(body, title=escape(title), title_align="left", expand=False), highlight=False)
+
+
+@templates_app.command("test-send")
+def templates_test_send(
+    touch: Annotated[str, typer.Argument(help="The touch, e.g. welcome or winback.")],
+    to: Annotated[str, typer.Option("--to", help="The seed address: an email address or a phone number.")],
+    contact: ContactOption = None,
+    persona: PersonaOption = None,
+    locale: LocaleOption = None,
+    channel: Annotated[
+        Channel | None, typer.Option(help="Default: email for an address with @, else sms.")
+    ] = None,
+    step: StepOption = None,
+    templates_dir: TemplatesDir = None,
+) -> None:
+    """Send a touch as a persona or contact would get it to a seed address; nothing is recorded."""
+    from nurture.channels.outbox import message_path
+    from nurture.preview import TEST_SENDS, send_test
+
+    wanted = channel or (Channel.EMAIL if "@" in to else Channel.SMS)
+    settings, previews = _previews(
+        touch,
+        [wanted],
+        contact=contact,
+        persona=persona,
+        locale=locale,
+        step=step,
+        templates_dir=templates_dir,
+        anonymous=True,
+    )
+    preview = previews[0]
+    name = settings.email_channel if wanted is Channel.EMAIL else settings.sms_channel
     try:
-        for wanted in [channel] if channel else list(Channel):
-            message = renderer.render(touch, wanted, language, context)
-            title = f"{touch} · {wanted} · {message.locale} · {message.template}"
-            if wanted is Channel.EMAIL:
-                body = f"[bold]Subject:[/] {escape(message.subject or '')}\n\n{escape(message.text)}"
-                if html is not None and message.html is not None:
-                    html.write_text(message.html, encoding="utf-8")
-                    body += f"\n[dim]HTML part written to {escape(str(html))}[/]"
-            else:
-                body = f"{escape(message.text)}\n\n[dim]{message.encoding}, {message.segments} segment(s)[/]"
-            console.print(Panel(body, title=escape(title), title_align="left", expand=False), highlight=False)
+        delivery = send_test(settings, preview, to)
     except NurtureError as error:
-        raise fail(error) from error
+        raise fail(error) from None
+    if delivery.status is not SendStatus.SENT:
+        raise fail(f"the {name} channel did not send it ({delivery.status}): {delivery.error}")
+    where = f"{name}, message id {delivery.provider_message_id}"
+    if name == "outbox":
+        test_settings = settings.model_copy(update={"outbox_dir": Path(settings.outbox_dir) / TEST_SENDS})
+        where = f"outbox: {message_path(test_settings, wanted, delivery.send_id)}"
+    console.print(
+        f"test {wanted} of {touch} ({preview.who}, {preview.message.locale}) sent to {to} through {where};"
+        " not recorded in the ledger",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 calendar_app = typer.Typer(no_args_is_help=True, help="The contact calendar.")

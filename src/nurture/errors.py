@@ -7,6 +7,8 @@
     ├── ProfileNotRefreshed    a contact has no profile yet: `nurture contacts refresh` has not run since
     ├── ProgrammeError         the programme under templates/ is invalid: every problem by file, line, field
     ├── UnknownTouch           a run was asked for a touch the programme does not have
+    ├── UnknownPersona         a preview was asked for a persona personas.yaml does not have
+    ├── BadAddress             a test send's seed address is not an email address or phone number
     ├── TemplateError          a message template cannot be rendered, named by file and line
     ├── ConfigurationError     a setting names something that does not exist (an unknown channel)
     ├── BadToken               an unsubscribe token is forged, garbled or signed with another key
@@ -123,3 +125,19 @@ class UnknownTouch(NurtureError):
     def __init__(self, names: Sequence[str], *, known: Sequence[str]) -> None:
         self.names = tuple(names)
         super().__init__(f"unknown touch {', '.join(names)}; the programme has: {', '.join(sorted(known))}")
+
+
+class UnknownPersona(NurtureError):
+    """Raised when a preview or test send names a persona that ``personas.yaml`` does not have."""
+
+    def __init__(self, name: str, *, known: Sequence[str]) -> None:
+        self.name = name
+        super().__init__(f"unknown persona {name!r}; personas.yaml has: {', '.join(known)}")
+
+
+class BadAddress(NurtureError):
+    """Raised when a test send's seed address cannot take the message: not an email, not a phone number."""
+
+    def __init__(self, message: str, *, address: str) -> None:
+        self.address = address
+        super().__init__(f"--to {address!r}: {message}")
