@@ -42,6 +42,7 @@ bench: $(VENV)/.installed-dev
 	$(BIN)/python benchmarks/next_visit.py
 	$(BIN)/python benchmarks/outbox.py
 	$(BIN)/python benchmarks/rendering.py
+	$(BIN)/python benchmarks/template_tools.py
 	$(BIN)/python benchmarks/sendgrid_channel.py
 	$(BIN)/python benchmarks/sendgrid_channel.py --messages 2000 --faults 0.1
 	$(BIN)/python benchmarks/webhooks.py

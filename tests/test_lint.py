@@ -285,3 +285,16 @@ def test_the_calendar_builds_exactly_the_documented_context() -> None:
             if isinstance(value, dict):
                 variable = CONTEXT[name]
                 assert set(variable.fields) <= set(value) <= set(variable.fields + variable.optional), name
+
+
+def test_findings_with_and_without_a_line_in_one_file_are_all_listed(
+    copy: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("NURTURE_SMS_MAX_SEGMENTS", "1")
+    sms = copy / "messages/welcome/en/sms.txt"
+    edit(sms, "How did it go?", "How\u2019d it go?")
+    result = lint(copy)
+    assert result.exit_code == 1
+    found = [line for line in lines(result) if line.startswith(f"{sms}")]
+    assert re.match(rf"{sms}: error: \d segments", found[0])  # the file as a whole first, then by line
+    assert found[1].startswith(f"{sms}:3: error: '\u2019' (RIGHT SINGLE QUOTATION MARK)")

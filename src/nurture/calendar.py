@@ -688,6 +688,7 @@ class Calendar:
             content = _pick_content(self.programme.content, tags, set(had)) or self.programme.content[0]
         if isinstance(touch.trigger, Lapsed):
             step = step or 1
+        # No contact has id -1: the friend is known here by first name only, handed to _context below.
         friend_id = None if friend is None else -1
         due = Due(
             recipient.id, touch, "preview", today, None, step=step, friend_id=friend_id, content=content

@@ -53,7 +53,7 @@ class Severity(StrEnum):
     WARNING = "warning"
 
 
-@dataclass(frozen=True, slots=True, order=True)
+@dataclass(frozen=True, slots=True)
 class Finding:
     """One thing lint found: where (file and line, when there is one) and what."""
 
@@ -104,11 +104,12 @@ def lint_templates(templates_dir: Path, settings: Settings, *, at: dt.datetime) 
         found.extend(_static(renderer.environment, renderer.root, path))
     rendered = 0
     if programme is not None:
-        locales = _locales(renderer, programme)
+        locales = programme_locales(renderer, programme)
         found.extend(_missing(renderer, programme, locales))
         if personas:
             rendered = _render_all(renderer, programme, personas, locales, settings, at, found)
-    return LintReport(tuple(sorted(found.kept.values())), rendered)
+    ordered = sorted(found.kept.values(), key=lambda f: (str(f.path), f.line or 0, f.severity, f.message))
+    return LintReport(tuple(ordered), rendered)
 
 
 class _Findings:
@@ -261,7 +262,8 @@ def _did_you_mean(word: str, choices: Sequence[str] | set[str]) -> str:
 # Locale variants: every touch in every locale the programme speaks.
 
 
-def _locales(renderer: Renderer, programme: Programme) -> tuple[str, ...]:
+def programme_locales(renderer: Renderer, programme: Programme) -> tuple[str, ...]:
+    """The locales every touch must have: the programme's ``locales``, else every locale folder found."""
     if programme.rules.locales is not None:
         return tuple(dict.fromkeys([programme.rules.default_locale, *programme.rules.locales]))
     found = {

@@ -203,7 +203,7 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = Field(
         None,
         description="The key clients send (Authorization: Bearer KEY, or X-API-Key: KEY) to post visits to"
-        " POST /api/visits; without it that endpoint refuses every request.",
+        " POST /api/visits, and that opens the /preview page; without it both refuse every request.",
     )
     sms_help_text: str | None = Field(
         None,

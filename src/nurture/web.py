@@ -6,6 +6,7 @@
     POST /webhooks/twilio/status  Twilio's status callbacks for the SMS nurture sent
     POST /webhooks/twilio/inbound SMS contacts send: STOP and the other opt-out words, START, HELP, replies
     POST /api/visits              visits from a booking or till system (API key): one or a list
+    GET  /preview                 every message for the sample personas, behind NURTURE_API_KEY (preview_page)
 
 Every request is checked before anything is written (its size, then its signature or token, then its
 body) and then written in one short transaction: all of it or nothing. Database work runs in Starlette's
@@ -33,7 +34,7 @@ from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, R
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from nurture import consent, events, imports
+from nurture import consent, events, imports, preview_page
 from nurture.errors import BadToken, ConfigurationError, InvalidVisits
 from nurture.models import Contact, InboundKind
 from nurture.settings import Settings
@@ -269,6 +270,7 @@ def create_app(settings: Settings, sessions: sessionmaker[Session], *, clock: Cl
         Route("/webhooks/twilio/inbound", twilio_inbound, methods=["POST"]),
         Route("/api/visits", post_visits, methods=["POST"]),
     ]
+    routes += preview_page.routes(settings, now)
     app = Starlette(routes=routes, exception_handlers={HTTPException: _plain_error})
     return BodyLimit(app, settings.max_body_bytes)
 
