@@ -240,3 +240,23 @@ def _month_number_postgresql(element: month_number, compiler: SQLCompiler, **kw:
         f"CAST(EXTRACT(YEAR FROM ({instant}) AT TIME ZONE 'UTC') * 12"
         f" + EXTRACT(MONTH FROM ({instant}) AT TIME ZONE 'UTC') - 1 AS INTEGER)"
     )
+
+
+class unindexed(FunctionElement[dt.datetime]):
+    """A stored instant that SQLite must not look up by its own index in this comparison.
+
+    SQLite's documented way is a unary ``+``, which leaves the value as it is; PostgreSQL plans by itself.
+    """
+
+    type = UTCDateTime()
+    inherit_cache = True
+
+
+@compiles(unindexed, "sqlite")
+def _unindexed_sqlite(element: unindexed, compiler: SQLCompiler, **kw: Any) -> str:
+    return f"+{compiler.process(element.clauses, **kw)}"
+
+
+@compiles(unindexed, "postgresql")
+def _unindexed_postgresql(element: unindexed, compiler: SQLCompiler, **kw: Any) -> str:
+    return compiler.process(element.clauses, **kw)

@@ -41,6 +41,7 @@ from typing import Any
 from sqlalchemy import (
     Column,
     ColumnElement,
+    Float,
     Integer,
     MetaData,
     Numeric,
@@ -250,6 +251,19 @@ class Slipping:
 
 
 @dataclass(frozen=True)
+class Moment:
+    """One period of the timeline: messages sent, visits, revenue and incentive cost per currency."""
+
+    period: str
+    start: dt.date
+    emails: int
+    sms: int
+    visits: int
+    revenue: dict[str, Decimal]
+    incentive_cost: dict[str, Decimal]
+
+
+@dataclass(frozen=True)
 class Report:
     """Every retention figure of one window."""
 
@@ -272,6 +286,7 @@ class Report:
     satisfaction: dict[str, Any]
     slipping_count: int
     slipping: list[Slipping] = field(default_factory=list)
+    timeline: list[Moment] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         """The report as plain JSON values: dates ISO 8601, money as decimal strings, rates rounded."""
@@ -315,6 +330,8 @@ _CUSTOMERS = Table(
     Column("first_at", UTCDateTime, nullable=False),
     Column("last_at", UTCDateTime, nullable=False),
     Column("visits", Integer, nullable=False),
+    Column("first_epoch", Float, nullable=False),
+    Column("last_epoch", Float, nullable=False),
     Column("last_before_year", UTCDateTime),  # the last visit before the year up to the end, if any
     prefixes=["TEMPORARY"],
 )
@@ -345,8 +362,9 @@ def report(
     yearly = _yearly_churn(session, window)
     lifetime = 1 / yearly if yearly else None
     totals = _totals(session, window)
-    messages = _messages(session, window)
-    money = _money(session, window, costs, offers, messages, lifetime)
+    sent = _sends(session, window, offers, costs.currency)
+    messages = _messages(sent)
+    money = _money(session, window, costs, _incentive_costs(sent), messages, lifetime)
     slipping_count, slipping = _slipping(session, window, lapsed_after, slipping_limit)
     figures = Report(
         period=window.period,
@@ -368,6 +386,7 @@ def report(
         satisfaction=_satisfaction(session, window),
         slipping_count=slipping_count,
         slipping=slipping,
+        timeline=_timeline(session, window, sent),
     )
     for table in (_SPEND, _CUSTOMERS):
         table.drop(connection)
@@ -402,7 +421,9 @@ def _fill(session: Session, window: Window) -> None:
             func.count().label("visits"),
             func.sum(Visit.amount).label("revenue"),
         )
-        .where(Visit.occurred_at >= begin, Visit.occurred_at < window.end)
+        # Read from the covering index in contact order: through the date index, each visit of the
+        # window would be a lookup in the table.
+        .where(db.unindexed(Visit.occurred_at) >= begin, db.unindexed(Visit.occurred_at) < window.end)
         .group_by(Visit.contact_id, period, Visit.currency)
     )
     session.execute(insert(_SPEND).from_select([c.name for c in spend.selected_columns], spend))
@@ -414,6 +435,8 @@ def _fill(session: Session, window: Window) -> None:
             first.label("first_at"),
             func.max(Visit.occurred_at).label("last_at"),
             func.count().label("visits"),
+            db.epoch_seconds(first).label("first_epoch"),
+            db.epoch_seconds(func.max(Visit.occurred_at)).label("last_epoch"),
             func.max(case((Visit.occurred_at < window.end - YEAR, Visit.occurred_at))).label(
                 "last_before_year"
             ),
@@ -546,31 +569,22 @@ def _sent_in(window: Window) -> ColumnElement[bool]:
     return and_(Send.status == SendStatus.SENT, Send.sent_at >= window.start, Send.sent_at < window.end)
 
 
-def _messages(session: Session, window: Window) -> dict[str, int]:
-    """Emails, SMS and SMS segments sent during the window."""
-    counts = {"email": 0, "sms": 0, "sms_segments": 0}
-    for channel, sent, segments in session.execute(
-        select(Send.channel, func.count(), func.sum(func.coalesce(Send.segments, 1)))
-        .where(_sent_in(window))
-        .group_by(Send.channel)
-    ):
-        if channel is Channel.EMAIL:
-            counts["email"] += sent
-        elif channel is Channel.SMS:
-            counts["sms"] += sent
-            counts["sms_segments"] += int(segments or 0)
-    return counts
+@dataclass(frozen=True)
+class _Sent:
+    """The messages sent during the window, per period, channel and currency of their contact."""
+
+    period: int
+    channel: Channel | None
+    currency: str
+    messages: int
+    segments: int
+    incentive_cost: Decimal
 
 
-def _incentive_costs(
-    session: Session,
-    window: Window,
-    offers: Mapping[str, OfferKind],
-    default_currency: str,
-    *,
-    by: ColumnElement[int] | None = None,
-) -> dict[Any, Decimal]:
-    """What the offers sent during the window could cost, per currency of their contacts (and ``by``)."""
+def _sends(
+    session: Session, window: Window, offers: Mapping[str, OfferKind], default_currency: str
+) -> list[_Sent]:
+    """One pass over the sends of the window: how many went out, and what their offers could cost."""
     by_kind = defaultdict(list)
     for touch, kind in offers.items():
         by_kind[kind].append(touch)
@@ -582,20 +596,45 @@ def _incentive_costs(
         (Send.touch.in_(by_kind[OfferKind.FREE_SERVICE] or [""]), visit),
         else_=literal(0),
     )
-    keys = (
-        [func.coalesce(p.currency, default_currency)]
-        if by is None
-        else [by, func.coalesce(p.currency, default_currency)]
-    )
+    period = period_index(window.period, Send.sent_at)
+    currency = func.coalesce(p.currency, default_currency)
     rows = session.execute(
-        select(*keys, func.sum(func.coalesce(cost, 0)))
+        select(
+            period,
+            Send.channel,
+            currency,
+            func.count(),
+            func.sum(func.coalesce(Send.segments, 1)),
+            func.sum(func.coalesce(cost, 0)),
+        )
         .select_from(Send)
-        .outerjoin(p, p.contact_id == Send.contact_id)
-        .where(_sent_in(window), Send.incentive.is_not(None))
-        .group_by(*keys)
+        # Only the sends with an offer look their contact's profile up: the rest cost nothing.
+        .outerjoin(p, and_(p.contact_id == Send.contact_id, Send.incentive.is_not(None)))
+        .where(_sent_in(window))
+        .group_by(period, Send.channel, currency)
     )
-    # Keyed by the currency, or by (``by``, currency).
-    return {row[0] if by is None else (row[0], row[1]): _money_value(row[-1]) for row in rows}
+    return [
+        _Sent(index, channel, code, count, int(segments or 0), _money_value(amount))
+        for index, channel, code, count, segments, amount in rows
+    ]
+
+
+def _messages(sent: list[_Sent]) -> dict[str, int]:
+    """Emails, SMS and SMS segments sent during the window."""
+    return {
+        "email": sum(s.messages for s in sent if s.channel is Channel.EMAIL),
+        "sms": sum(s.messages for s in sent if s.channel is Channel.SMS),
+        "sms_segments": sum(s.segments for s in sent if s.channel is Channel.SMS),
+    }
+
+
+def _incentive_costs(sent: list[_Sent]) -> dict[str, Decimal]:
+    """What the offers sent during the window could cost, per currency of their contacts."""
+    costs: dict[str, Decimal] = defaultdict(Decimal)
+    for s in sent:
+        if s.incentive_cost:
+            costs[s.currency] += s.incentive_cost
+    return dict(costs)
 
 
 def _money_value(value: Any) -> Decimal:
@@ -606,7 +645,7 @@ def _money(
     session: Session,
     window: Window,
     costs: Costs,
-    offers: Mapping[str, OfferKind],
+    incentives: Mapping[str, Decimal],
     messages: Mapping[str, int],
     lifetime_years: float | None,
 ) -> list[Money]:
@@ -625,7 +664,6 @@ def _money(
         .group_by(each.c.currency)
         .order_by(func.count().desc(), each.c.currency)
     ).all()
-    incentives = _incentive_costs(session, window, offers, costs.currency)
     message_cost = _money_value(
         costs.email * messages["email"] + costs.sms_segment * messages["sms_segments"]
     )
@@ -777,13 +815,13 @@ def _slipping(
     """Customers past their usual interval at the end of the window, later than a week ago, not lapsed."""
     c = _CUSTOMERS.c
     end = window.end.timestamp()
-    last = db.epoch_seconds(c.last_at)
-    interval = (last - db.epoch_seconds(c.first_at)) / (c.visits - 1) / DAY
+    last = c.last_epoch
+    interval = (last - c.first_epoch) / (c.visits - 1) / DAY
     days_since = (literal(end) - last) / DAY
     late = days_since / interval - 1
     slipping = and_(
         c.visits >= MIN_VISITS_FOR_RHYTHM,
-        c.last_at < window.end - WEEK,
+        c.last_epoch < end - WEEK.total_seconds(),
         interval > 0,
         days_since > interval,
         days_since < interval * lapsed_after,
@@ -821,55 +859,33 @@ def _slipping(
     return count, found
 
 
-@dataclass(frozen=True)
-class Moment:
-    """One period of the timeline: messages sent, visits, revenue and incentive cost per currency."""
-
-    period: str
-    start: dt.date
-    emails: int
-    sms: int
-    visits: int
-    revenue: dict[str, Decimal]
-    incentive_cost: dict[str, Decimal]
-
-
-def timeline(
-    session: Session, window: Window, offers: Mapping[str, OfferKind], default_currency: str
-) -> list[Moment]:
-    """Per period of ``window``: messages sent, visits and revenue, and what the offers sent could cost."""
-    visit_period = period_index(window.period, Visit.occurred_at)
+def _timeline(session: Session, window: Window, sent: list[_Sent]) -> list[Moment]:
+    """Per period of the window: messages sent, visits and revenue, and what the offers sent could cost."""
+    sp = _SPEND.c
     visits: dict[int, int] = defaultdict(int)
     revenue: dict[int, dict[str, Decimal]] = defaultdict(dict)
     for index, currency, count, amount in session.execute(
-        select(visit_period, Visit.currency, func.count(), func.sum(Visit.amount))
-        .where(Visit.occurred_at >= window.start, Visit.occurred_at < window.end)
-        .group_by(visit_period, Visit.currency)
+        select(sp.period, sp.currency, func.sum(sp.visits), func.sum(sp.revenue))
+        .where(sp.period.between(window.first, window.last))
+        .group_by(sp.period, sp.currency)
     ):
-        visits[index] += count
+        visits[index] += int(count)
         revenue[index][currency] = _money_value(amount)
-    send_period = period_index(window.period, Send.sent_at)
-    sent: dict[tuple[int, Channel | None], int] = defaultdict(int)
-    for index, channel, count in session.execute(
-        select(send_period, Send.channel, func.count())
-        .where(_sent_in(window))
-        .group_by(send_period, Send.channel)
-    ):
-        sent[(index, channel)] += count
-    costs: dict[int, dict[str, Decimal]] = defaultdict(dict)
-    for (index, currency), cost in _incentive_costs(
-        session, window, offers, default_currency, by=send_period
-    ).items():
-        costs[index][currency] = cost
+    messages: dict[tuple[int, Channel | None], int] = defaultdict(int)
+    costs: dict[int, dict[str, Decimal]] = defaultdict(lambda: defaultdict(Decimal))
+    for s in sent:
+        messages[(s.period, s.channel)] += s.messages
+        if s.incentive_cost:
+            costs[s.period][s.currency] += s.incentive_cost
     return [
         Moment(
             period=label(window.period, index),
             start=start_of(window.period, index),
-            emails=sent[(index, Channel.EMAIL)],
-            sms=sent[(index, Channel.SMS)],
+            emails=messages[(index, Channel.EMAIL)],
+            sms=messages[(index, Channel.SMS)],
             visits=visits[index],
             revenue=revenue[index],
-            incentive_cost=costs[index],
+            incentive_cost=dict(costs[index]),
         )
         for index in range(window.first, window.last + 1)
     ]

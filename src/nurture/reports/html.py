@@ -63,7 +63,6 @@ def page(
 ) -> str:
     """The report page of ``window``, with the lifts measured elsewhere."""
     figures = retention.report(session, window, costs, offers, slipping_limit=20)
-    moments = retention.timeline(session, window, offers, costs.currency)
     currency = _main_currency(figures, costs.currency)
     data = {
         "title": title,
@@ -80,7 +79,7 @@ def page(
                 "revenue": float(m.revenue.get(currency, Decimal(0))),
                 "incentive_cost": float(m.incentive_cost.get(currency, Decimal(0))),
             }
-            for m in moments
+            for m in figures.timeline
         ],
         "lifts": [asdict(lift) for lift in lifts],
     }
