@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -45,6 +46,7 @@ class Answer:
     headers: dict[str, str] = field(default_factory=dict)
     delay: float = 0.0  # seconds to sit on the request after reading it (a client timeout is smaller)
     drop: bool = False  # close the connection without answering, after reading the request
+    close: bool = False  # answer, then close the connection, as a server does with one it keeps no more
 
 
 @dataclass
@@ -56,6 +58,7 @@ class Received:
     headers: dict[str, str]
     body: Any  # JSON for SendGrid, a dict of form fields for Twilio
     errors: list[str]  # where the body breaks the provider's OpenAPI description
+    peer: tuple[str, int]  # the client's end of the connection it came on
 
 
 Script = Callable[[Received, int], Answer]  # (the request, how many came before it) -> the answer
@@ -69,6 +72,9 @@ class FakeProvider:
     ) -> None:
         self.requests: list[Received] = []
         self.script: Script = default
+        # Set, the next request's connection is reset as soon as its headers are in: the body never read.
+        self.reset_next_before_body = False
+        self.closed = threading.Semaphore(0)  # released each time an answer's ``close`` closed a connection
         self._default = default
         self._validate = validate
         self._parse = parse
@@ -79,10 +85,23 @@ class FakeProvider:
             protocol_version = "HTTP/1.1"
 
             def do_POST(self) -> None:
+                with provider._lock:
+                    reset, provider.reset_next_before_body = provider.reset_next_before_body, False
+                if reset:
+                    # SO_LINGER 0: closing sends a RST, while the client is still writing the body.
+                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    self.connection.close()
+                    self.close_connection = True
+                    return
                 raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 body = provider._parse(raw)
                 received = Received(
-                    time.monotonic(), self.path, dict(self.headers), body, provider._validate(body)
+                    time.monotonic(),
+                    self.path,
+                    dict(self.headers),
+                    body,
+                    provider._validate(body),
+                    self.client_address,
                 )
                 with provider._lock:
                     before = len(provider.requests)
@@ -106,6 +125,20 @@ class FakeProvider:
                     self.wfile.write(payload)
                 except (BrokenPipeError, ConnectionResetError):
                     self.close_connection = True  # the client gave up waiting, as it may with a real provider
+                    return
+                if answer.close:
+                    self.connection.shutdown(socket.SHUT_WR)
+                    self.close_connection = True
+                    provider.closed.release()
+                    # Over a real network, a request can still be on its way as the server closes: a while
+                    # longer here, it reaches an open socket that will never answer it.
+                    time.sleep(1.0)
+
+            def finish(self) -> None:
+                try:
+                    super().finish()
+                except OSError:
+                    pass  # a connection this server reset on purpose
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import socket
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from histories import Business, local, run
 from nurture import ledger
-from nurture.channels import OutgoingMessage, messenger_for
+from nurture.channels import OutgoingMessage, messenger_for, sendgrid
 from nurture.channels.sendgrid import SendGridMessenger
 from nurture.errors import ConfigurationError
 from nurture.models import Channel, SendStatus
@@ -213,6 +214,64 @@ def test_a_provider_that_cannot_be_reached_is_retried_and_fails_not_unknown() ->
     assert delivery.status is SendStatus.FAILED
     assert delivery.error is not None and delivery.error.startswith("could not reach SendGrid")
     assert "gave up after 3 attempts" in delivery.error
+
+
+# Connections.
+
+
+def test_one_connection_carries_one_email_after_another_errors_included(sendgrid_api: FakeProvider) -> None:
+    sendgrid_api.answer(sendgrid_error(500, "internal error"), sendgrid_error(400, "bad", "subject"))
+    settings = sendgrid_settings(sendgrid_api.url, sendgrid_concurrency=1)
+
+    deliveries = push(settings, *(email(i) for i in range(1, 6)))
+
+    assert [d.status for d in deliveries] == [SendStatus.FAILED] + [SendStatus.SENT] * 4
+    assert len(sendgrid_api.requests) == 6
+    assert len({r.peer for r in sendgrid_api.requests}) == 1
+
+
+def test_a_connection_the_server_closed_while_idle_is_replaced_and_the_email_sent(
+    sendgrid_api: FakeProvider,
+) -> None:
+    sendgrid_api.answer(Answer(202, headers={"X-Message-Id": "sg-1"}, close=True))
+    messenger = messenger_for(Channel.EMAIL, sendgrid_settings(sendgrid_api.url, sendgrid_concurrency=1))
+    try:
+        [first] = messenger.push([email(1)])
+        assert sendgrid_api.closed.acquire(timeout=5)
+        [second] = messenger.push([email(2)])
+    finally:
+        messenger.close()
+
+    assert (first.status, second.status) == (SendStatus.SENT, SendStatus.SENT)
+    one, two = sendgrid_api.requests
+    assert one.peer != two.peer
+
+
+def test_a_connection_idle_for_long_is_not_reused(
+    sendgrid_api: FakeProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sendgrid, "IDLE_REUSE_SECONDS", 0.2)
+    messenger = messenger_for(Channel.EMAIL, sendgrid_settings(sendgrid_api.url, sendgrid_concurrency=1))
+    try:
+        messenger.push([email(1), email(2)])
+        time.sleep(0.3)
+        messenger.push([email(3)])
+    finally:
+        messenger.close()
+
+    first, second, third = (r.peer for r in sendgrid_api.requests)
+    assert first == second != third
+
+
+def test_a_connection_reset_while_the_request_is_written_is_retried(sendgrid_api: FakeProvider) -> None:
+    sendgrid_api.reset_next_before_body = True
+    large = replace(email(1), html="<p>" + "x" * 16_000_000 + "</p>")  # more than the sockets buffer
+
+    [delivery] = push(sendgrid_settings(sendgrid_api.url), large)
+
+    assert delivery.status is SendStatus.SENT
+    [request] = sendgrid_api.requests  # the reset one was never read
+    assert request.body["personalizations"][0]["custom_args"] == {"nurture_send_id": "1"}
 
 
 # The rate.
