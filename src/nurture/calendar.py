@@ -27,7 +27,7 @@ import uuid
 from collections import Counter, defaultdict
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from functools import lru_cache
 from typing import Any, cast
@@ -49,6 +49,7 @@ from sqlalchemy.orm import Session, aliased, sessionmaker
 
 from nurture import consent, db, ledger, profiles
 from nurture.channels import Delivery, Messenger, OutgoingMessage, messenger_for
+from nurture.channels.sending import shared_by
 from nurture.errors import ContactNotFound, ProfileNotRefreshed, TemplateError, UnknownTouch
 from nurture.models import (
     Channel,
@@ -1215,13 +1216,15 @@ class Run:
     def _workers(self) -> ProcessPoolExecutor:
         with self._pool_lock:
             if self._pool is None:
+                # Each worker sends with its share of the providers' rates: together, the configured ones.
+                request = replace(self.request, settings=shared_by(self.request.settings, self.processes))
                 # spawn, not fork: the run's own process has threads (Prefect's, the pool's) and open
                 # connections that a forked child must not inherit.
                 self._pool = ProcessPoolExecutor(
                     self.processes,
                     mp_context=multiprocessing.get_context("spawn"),
                     initializer=_start_worker,
-                    initargs=(self.request,),
+                    initargs=(request,),
                 )
             return self._pool
 

@@ -379,6 +379,25 @@ def test_a_run_that_crashes_mid_batch_and_is_run_again_sends_nothing_twice(
     assert later.totals["unknown"] == 2
 
 
+@pytest.mark.slow
+def test_a_run_spread_over_worker_processes_holds_the_configured_rate_in_all(
+    sendgrid_calendar: Settings, sessions: sessionmaker[Session], sendgrid_api: FakeProvider
+) -> None:
+    business = Business(sessions)
+    new_customers(business, 160)
+    settings = sendgrid_calendar.model_copy(
+        update={"calendar_processes": 2, "sendgrid_rate": 40, "send_batch_size": 20}
+    )
+
+    summary = run(settings, local(MADRID, 2026, 11, 23, 10, 0), touches=["welcome"], batch_size=40)
+
+    assert summary.totals["sent"] == 160
+    times = sorted(r.at for r in sendgrid_api.requests)
+    busiest = max(sum(1 for t in times if start <= t < start + 1.0) for start in times)
+    assert busiest <= 40 + 2  # each process may start one request early
+    assert times[-1] - times[0] >= (160 - 2) / 40 * 0.98
+
+
 def test_the_sendgrid_messenger_is_what_the_setting_chooses(sendgrid_api: FakeProvider) -> None:
     messenger = messenger_for(Channel.EMAIL, sendgrid_settings(sendgrid_api.url))
     try:

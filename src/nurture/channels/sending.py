@@ -9,7 +9,9 @@ out and got no answer is the attempt's ``UNKNOWN``, never retried: neither SendG
 idempotency key, so a second request could deliver a second message.
 
 Every attempt, retries included, first takes its share of the provider's rate from a ``RateLimiter``
-shared by the sender's threads: one unit per email, one per SMS segment.
+shared by the sender's threads: one unit per email, one per SMS segment. Processes sending for one run at
+once each hold their share of the rate, the concurrency and the retry budget (``shared_by``), so that the
+configured figures hold for the whole run.
 """
 
 from __future__ import annotations
@@ -27,11 +29,29 @@ from nurture.channels import Delivery, OutgoingMessage
 from nurture.models import SendStatus
 from nurture.settings import Settings
 
-__all__ = ["RateLimiter", "Retry", "RetryBudget", "Sender", "retry_after"]
+__all__ = ["RateLimiter", "Retry", "RetryBudget", "Sender", "retry_after", "shared_by"]
 
 log = logging.getLogger(__name__)
 
 Attempt = Callable[[OutgoingMessage], Delivery]
+
+# Per provider, held by each process sending for a run: its rate and its requests in flight.
+_RATES = ("sendgrid_rate", "twilio_rate")
+_CONCURRENCIES = ("sendgrid_concurrency", "twilio_concurrency")
+
+
+def shared_by(settings: Settings, processes: int) -> Settings:
+    """Give the settings of one of ``processes`` processes sending for the same run at once.
+
+    Each holds ``1/processes`` of every provider's rate and of the run's retry budget, and as many
+    requests in flight (at least one), so that together they stay within the configured figures.
+    """
+    if processes <= 1:
+        return settings
+    update: dict[str, float | int] = {name: getattr(settings, name) / processes for name in _RATES}
+    update |= {name: max(1, getattr(settings, name) // processes) for name in _CONCURRENCIES}
+    update["send_retry_budget"] = settings.send_retry_budget // processes
+    return settings.model_copy(update=update)
 
 
 class Retry(Exception):
