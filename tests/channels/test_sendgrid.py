@@ -394,7 +394,9 @@ def test_a_run_spread_over_worker_processes_holds_the_configured_rate_in_all(
     assert summary.totals["sent"] == 160
     times = sorted(r.at for r in sendgrid_api.requests)
     busiest = max(sum(1 for t in times if start <= t < start + 1.0) for start in times)
-    assert busiest <= 40 + 2  # each process may start one request early
+    # Each process holds 20 a second; a loaded machine bunches their arrivals a little. The full rate in each
+    # process would show about 80.
+    assert busiest <= 40 * 1.25
     assert times[-1] - times[0] >= (160 - 2) / 40 * 0.98
 
 
