@@ -10,8 +10,11 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
 
+from flows.attribution_report import attribute, publish
 from nurture.calendar import Run, RunSummary, open_run
 from nurture.settings import load_settings
+
+ATTRIBUTION_DAYS = 28  # the attribution artifact each run publishes covers the sends of these last days
 
 
 class CalendarParameters(BaseModel):
@@ -53,4 +56,5 @@ def contact_calendar(parameters: CalendarParameters | None = None) -> dict[str, 
     create_markdown_artifact(
         summary.markdown(), key="contact-calendar", description="What the contact calendar sent and why not"
     )
+    publish(attribute(at, ATTRIBUTION_DAYS))
     return summary.as_dict()

@@ -53,6 +53,9 @@ def test_demo_imports_profiles_simulates_and_sends_in_its_own_folder(tmp_path: P
     report = (tmp_path / "demo" / "report.html").absolute()
     assert str(report) in output.splitlines()
     assert 'id="report-data"' in report.read_text(encoding="utf-8")
+    # It ends with what the messages brought: lift over the holdout and the visits credited.
+    assert "What the messages brought" in output and "Lift over the holdout" in output
+    assert re.search(r"Visits credited by last touch: [1-9][\d,]* \(", output)
 
 
 def test_demo_needs_the_programme(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

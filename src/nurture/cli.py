@@ -21,7 +21,7 @@ from rich.table import Table
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from nurture import db, demo, ledger, profiles, rendering, retention, synthetic
+from nurture import attribution, db, demo, ledger, profiles, rendering, retention, synthetic
 from nurture.errors import NurtureError, ProfileNotRefreshed, UnknownTouch
 from nurture.imports import ImportKind, import_file
 from nurture.models import Channel, SendStatus
@@ -676,7 +676,7 @@ def sends_reconcile(
 
 
 report_app = typer.Typer(
-    no_args_is_help=True, help="Reports: retention, in the terminal, as JSON or as HTML."
+    no_args_is_help=True, help="Reports: retention and attribution, in the terminal, as JSON or as HTML."
 )
 app.add_typer(report_app, name="report")
 
@@ -878,3 +878,43 @@ def report_html(
         page = html_report.build(session, window, settings, programme, now=now)
     out.write_text(page, encoding="utf-8")
     console.print(f"report written to {out}; it opens in any browser, without a network", soft_wrap=True)
+
+
+def _report_period(since: dt.datetime | None, until: dt.datetime | None) -> tuple[dt.datetime | None, ...]:
+    """Turn --since and --until days (UTC, both included) into [since, until) instants."""
+    start = since.replace(tzinfo=dt.UTC) if since is not None else None
+    end = until.replace(tzinfo=dt.UTC) + dt.timedelta(days=1) if until is not None else None
+    if start is not None and end is not None and end <= start:
+        raise fail(f"--until {until:%Y-%m-%d} is before --since {since:%Y-%m-%d}")
+    return start, end
+
+
+@report_app.command("attribution")
+def report_attribution(
+    since: Annotated[
+        dt.datetime | None, typer.Option(formats=["%Y-%m-%d"], help="First day of sends (UTC).")
+    ] = None,
+    until: Annotated[
+        dt.datetime | None, typer.Option(formats=["%Y-%m-%d"], help="Last day of sends (UTC).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as one JSON object.")] = False,
+) -> None:
+    """Credit visits to the messages before them and measure each touch's lift over its holdout."""
+    settings = load_settings()
+    start, end = _report_period(since, until)
+    try:
+        programme = load_programme(settings.templates_dir)
+    except NurtureError as error:
+        err_console.print(
+            f"[yellow]warning:[/] {error}; every send gets its channel's window", soft_wrap=True
+        )
+        programme = None
+    with database_sessions(settings) as factory, factory() as session:
+        result = attribution.report(
+            session, settings, programme, now=dt.datetime.now(dt.UTC), since=start, until=end
+        )
+    if as_json:
+        typer.echo(json.dumps(result.to_dict()))
+        return
+    for renderable in result.tables():
+        console.print(renderable)

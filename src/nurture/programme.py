@@ -196,6 +196,13 @@ class Touch(_Strict):
     cooldown_days: int = Field(0, ge=0, description="Days after a send of this touch before another.")
     valid_days: int = Field(1, ge=1, description="Days a due message stays worth sending if deferred.")
     holdout: float | None = Field(None, ge=0, lt=1)
+    attribution_days: float | None = Field(
+        None,
+        gt=0,
+        le=90,
+        description="Days after a send in which a visit is credited to it, on every channel of the touch;"
+        " default: NURTURE_ATTRIBUTION_EMAIL_DAYS or NURTURE_ATTRIBUTION_SMS_DAYS by the send's channel.",
+    )
     enabled: bool = True
 
     @field_validator("channels")

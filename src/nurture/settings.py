@@ -171,6 +171,20 @@ class Settings(BaseSettings):
         " core; 1: everything in the run's own process.",
     )
 
+    # Attribution (see README, "Conversions and attribution").
+    attribution_email_days: float = Field(
+        5.0, gt=0, le=90, description="Days after an email in which a visit is credited to it."
+    )
+    attribution_sms_days: float = Field(
+        1.0, gt=0, le=90, description="Days after an SMS in which a visit is credited to it."
+    )
+    attribution_min_group: int = Field(
+        30,
+        ge=2,
+        description="Sends a treated or held-out group needs before its lift is shown; smaller groups say"
+        " they are too small instead of showing a number.",
+    )
+
     # The business every message speaks for (the templates' ``business`` variable).
     business_name: str = Field("Luma Studio", description="The business name messages are signed with.")
     business_website: str = Field("https://example.com", description="The business's website.")
