@@ -1,8 +1,8 @@
 """The HTML report: one file, charts drawn by its own inline script, nothing loaded from anywhere.
 
-The figures come from :mod:`nurture.retention` (and the lift per touch, once it is measured, from
-attribution): they are embedded as JSON and drawn as SVG by ``charts.js``, inlined with ``report.css``
-into ``report.html``. The file opens without a network, mailed or archived as it is.
+The figures come from :mod:`nurture.retention`, the lift per touch from :mod:`nurture.attribution`:
+they are embedded as JSON and drawn as SVG by ``charts.js``, inlined with ``report.css`` into
+``report.html``. The file opens without a network, mailed or archived as it is.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 from jinja2 import Environment, select_autoescape
 from sqlalchemy.orm import Session
 
-from nurture import retention
+from nurture import attribution, retention
 from nurture.programme import OfferKind, Programme
 from nurture.settings import Settings
 
@@ -48,7 +48,33 @@ def build(
 ) -> str:
     """Compute the figures of ``window`` and give the whole HTML report as text."""
     costs = retention.Costs.from_settings(settings, programme.rules.margin_rate)
-    return page(session, window, costs, retention.offer_kinds(programme), now=now, title=title)
+    measured = attribution.report(session, settings, programme, now=now, since=window.start, until=window.end)
+    return page(
+        session,
+        window,
+        costs,
+        retention.offer_kinds(programme),
+        lifts=lifts_of(measured),
+        now=now,
+        title=title,
+    )
+
+
+def lifts_of(measured: attribution.AttributionReport) -> list[Lift]:
+    """Give the relative lift of each touch that had sends and holdouts, as attribution measured it."""
+    return [
+        Lift(
+            touch=result.name,
+            lift=result.lift.relative_lift,
+            low=result.lift.relative_low,
+            high=result.lift.relative_high,
+            treated=result.lift.treated,
+            held_out=result.lift.held_out,
+            conclusive=bool(result.lift.significant),
+        )
+        for result in measured.touches
+        if result.lift.treated and result.lift.held_out
+    ]
 
 
 def page(
