@@ -511,7 +511,7 @@ def _exposures(
     sql = f"""
         SELECT touch, campaign, status, COUNT(*), SUM({_closed_sql(windows, bounds, parameters)})
         FROM sends
-        WHERE status IN ('sent', 'held_out') AND {_AT} IS NOT NULL AND {bounds.where(_AT)}
+        WHERE status IN ('sent', 'held_out') AND {_AT} IS NOT NULL AND {bounds.where("claimed_at")}
         GROUP BY touch, campaign, status
     """
     counts: dict[tuple[str, str | None], dict[str, _Counts]] = defaultdict(dict)
@@ -579,7 +579,7 @@ def _visits_after(
                    {touch_seconds} AS touch_seconds,
                    CASE WHEN status = 'sent' THEN {send_seconds} ELSE 0 END AS send_seconds
             FROM sends
-            WHERE status IN ('sent', 'held_out') AND {_AT} IS NOT NULL AND {bounds.where(_AT)}
+            WHERE status IN ('sent', 'held_out') AND {_AT} IS NOT NULL AND {bounds.where("claimed_at")}
         ),
         reach AS (
             SELECT e.*, {larger}(touch_seconds, send_seconds) AS seconds FROM e

@@ -364,18 +364,10 @@ class Send(Base):
         Index("ix_sends_touch_status", "touch", "status"),
         Index("ix_sends_status", "status"),
         Index("ix_sends_provider_message_id", "provider_message_id"),
-        # Covering what attribution reads of every send, in contact order: following each send to the
-        # visits after it then reads the visits index in order too, instead of jumping about it.
+        # Covering what attribution reads of the sends of a period, which it picks by claim time.
         Index(
             "ix_sends_attribution",
-            "contact_id",
-            "status",
-            "touch",
-            "campaign",
-            "channel",
-            "claimed_at",
-            "sent_at",
-            "incentive",
+            "claimed_at", "status", "touch", "campaign", "channel", "sent_at", "contact_id", "incentive",
         ),  # fmt: skip
     )
 

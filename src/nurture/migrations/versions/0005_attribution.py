@@ -1,4 +1,4 @@
-"""attribution: an index covering what attribution reads of every send, in contact order
+"""attribution: an index covering what attribution reads of the sends of a period, by claim time
 
 Revision ID: 0005_attribution
 Revises: 0004
@@ -13,7 +13,7 @@ down_revision: str | None = "0004"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-COLUMNS = ["contact_id", "status", "touch", "campaign", "channel", "claimed_at", "sent_at", "incentive"]
+COLUMNS = ["claimed_at", "status", "touch", "campaign", "channel", "sent_at", "contact_id", "incentive"]
 
 
 def upgrade() -> None:
