@@ -341,8 +341,7 @@ def attribute(
     """Attribute with the given windows; ``offers`` gives each touch's kind of offer, for its cost."""
     dialect = session.get_bind().dialect.name
     bounds = _Bounds(since, until, now)
-    exposures = _exposures(session, dialect, windows, bounds)
-    outcomes, credits = _visits_after(session, dialect, windows, bounds, offers or {})
+    exposures, outcomes, credits = _visits_after(session, dialect, windows, bounds, offers or {})
 
     def build(key: tuple[str, str | None], name: str) -> TouchAttribution:
         touch, campaign = key
@@ -503,26 +502,6 @@ def _closed_sql(windows: Windows, bounds: _Bounds, parameters: dict[str, Any]) -
 _AT = "(CASE WHEN status = 'sent' THEN sent_at ELSE claimed_at END)"
 
 
-def _exposures(
-    session: Session, dialect: str, windows: Windows, bounds: _Bounds
-) -> dict[tuple[str, str | None], dict[str, _Counts]]:
-    """Count the sent and held-out sends of each touch and campaign, and those whose window has closed."""
-    parameters = bounds.params()
-    sql = f"""
-        SELECT touch, campaign, status, COUNT(*), SUM({_closed_sql(windows, bounds, parameters)})
-        FROM sends
-        WHERE status IN ('sent', 'held_out') AND {_AT} IS NOT NULL AND {bounds.where("claimed_at")}
-        GROUP BY touch, campaign, status
-    """
-    counts: dict[tuple[str, str | None], dict[str, _Counts]] = defaultdict(dict)
-    for touch, campaign, status, n, closed in session.execute(_bind(sql, parameters)):
-        for key in {(touch, None), (touch, campaign)}:
-            group = counts[key].setdefault(status, _Counts())
-            group.all += n
-            group.closed += int(closed or 0)
-    return dict(counts)
-
-
 @dataclass
 class _Group:
     converted: int = 0
@@ -560,8 +539,10 @@ class _Credits:
 
 def _visits_after(
     session: Session, dialect: str, windows: Windows, bounds: _Bounds, offers: Mapping[str, OfferKind]
-) -> tuple[dict[tuple[str, str | None], _Outcomes], _Credits]:
-    """Follow every send to the visits after it, once, and sum them up for the lift and for the credits.
+) -> tuple[
+    dict[tuple[str, str | None], dict[str, _Counts]], dict[tuple[str, str | None], _Outcomes], _Credits
+]:
+    """Count the sends of the period, follow each to the visits after it once, and sum those up.
 
     For the lift: what the contacts did in each closed window of the touch, sent and held out alike: who
     visited, how often, how much they spent. For the credits: each visit in a sent message's own window goes
@@ -572,6 +553,11 @@ def _visits_after(
     touch_seconds = _touch_window_sql(windows, parameters)
     send_seconds = _send_window_sql(windows, parameters)
     larger = "max" if dialect == "sqlite" else "GREATEST"
+    # SQLite: a unary + keeps the planner off the time index, whose row lookups cost more than a scan.
+    plus = "+" if dialect == "sqlite" else ""
+    longest = max([windows.email_days, windows.sms_days, *windows.by_touch.values()])
+    parameters["visits_until"] = min(bounds.until or bounds.now, bounds.now) + dt.timedelta(days=longest)
+    after = f"AND {plus}occurred_at > :since" if bounds.since is not None else ""
     sql = f"""
         WITH e AS (
             SELECT id, contact_id, touch, campaign, status, incentive, {_AT} AS at,
@@ -584,10 +570,16 @@ def _visits_after(
         reach AS (
             SELECT e.*, {larger}(touch_seconds, send_seconds) AS seconds FROM e
         ),
+        -- The visits any window of the period can hold, read in one pass: far cheaper than looking up each
+        -- send's contact in the visits index when a period holds many sends.
+        visits_in AS MATERIALIZED (
+            SELECT id, contact_id, occurred_at, amount, currency FROM visits
+            WHERE {plus}occurred_at <= :visits_until {after}
+        ),
         pairs AS (
             SELECT r.id AS send_id, r.touch, r.campaign, r.status, r.incentive, r.at, r.closed,
                    r.touch_seconds, r.send_seconds, v.id AS visit_id, v.occurred_at, v.amount, v.currency
-            FROM reach r CROSS JOIN visits v
+            FROM reach r CROSS JOIN visits_in v
             WHERE v.contact_id = r.contact_id AND v.occurred_at > r.at
               AND v.occurred_at <= {_window_end(dialect, "r.at", "r.seconds")}
         ),
@@ -614,6 +606,10 @@ def _visits_after(
         influenced_in_campaign AS (
             SELECT DISTINCT touch, campaign, visit_id, amount, currency FROM ranked WHERE campaign IS NOT NULL
         )
+        SELECT 'sends', touch, campaign, status, CAST(NULL AS VARCHAR(3)), COUNT(*), SUM(closed),
+               CAST(NULL AS NUMERIC), CAST(NULL AS NUMERIC)
+        FROM e GROUP BY touch, campaign, status
+        UNION ALL
         SELECT 'converted', touch, campaign, status, NULL, COUNT(DISTINCT send_id), NULL, NULL, NULL
         FROM hits GROUP BY touch, campaign, status
         UNION ALL
@@ -634,11 +630,18 @@ def _visits_after(
         SELECT 'influenced', touch, campaign, NULL, currency, COUNT(*), SUM(amount), NULL, NULL
         FROM influenced_in_campaign GROUP BY touch, campaign, currency
     """
+    exposures: dict[tuple[str, str | None], dict[str, _Counts]] = defaultdict(dict)
     outcomes: dict[tuple[str, str | None], _Outcomes] = defaultdict(_Outcomes)
     credits = _Credits()
     for kind, touch, campaign, status, currency, n, first, second, third in session.execute(
         _bind(sql, parameters)
     ):
+        if kind == "sends":
+            for key in {(touch, None), (touch, campaign)}:
+                counts = exposures[key].setdefault(status, _Counts())
+                counts.all += n
+                counts.closed += int(first or 0)
+            continue
         if kind == "influenced":
             # A visit counts once per touch, and once per campaign: the SQL counted each level apart.
             credits.influenced_visits[(touch, campaign)] += n
@@ -659,7 +662,7 @@ def _visits_after(
                 credits.costs[key][currency] += _cost(
                     offers.get(touch), _decimal(first), _decimal(second), _decimal(third)
                 )
-    return dict(outcomes), credits
+    return dict(exposures), dict(outcomes), credits
 
 
 def _decimal(value: Any) -> Decimal:

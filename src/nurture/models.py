@@ -367,8 +367,15 @@ class Send(Base):
         # Covering what attribution reads of the sends of a period, which it picks by claim time.
         Index(
             "ix_sends_attribution",
-            "claimed_at", "status", "touch", "campaign", "channel", "sent_at", "contact_id", "incentive",
-        ),  # fmt: skip
+            "claimed_at",
+            "status",
+            "touch",
+            "campaign",
+            "channel",
+            "sent_at",
+            "contact_id",
+            "incentive",
+        ),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
