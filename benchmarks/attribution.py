@@ -212,6 +212,7 @@ def main() -> None:
     parser.add_argument("--sends", type=int, default=10_000_000)
     parser.add_argument("--visits", type=int, default=10_000_000)
     parser.add_argument("--rebuild", action="store_true", help="Write the business again.")
+    parser.add_argument("--skip-sqlite", action="store_true", help="Time the reports on PostgreSQL only.")
     parser.add_argument(
         "--postgres", help="Also on this PostgreSQL database (emptied when it holds other data)."
     )
@@ -234,7 +235,7 @@ def main() -> None:
     db.upgrade(engine)
     engine.dispose()
     print(f"schema up to date in {time.perf_counter() - started:.0f} s", flush=True)
-    databases = [("SQLite", f"sqlite:///{path}")]
+    databases = [] if arguments.skip_sqlite else [("SQLite", f"sqlite:///{path}")]
     if arguments.postgres:
         if arguments.rebuild or not postgres_holds(arguments.postgres, *sizes):
             print("writing the business into PostgreSQL", flush=True)

@@ -525,3 +525,31 @@ def test_on_the_simulation_the_interval_holds_the_true_lift_and_no_effect_is_rar
     assert all(count >= 0.9 * len(SIM_SEEDS) for count in covered.values()), covered
     assert significant["education"] <= 0.05 * len(SIM_SEEDS) + 3, significant
     assert significant["incentive"] >= 0.4 * len(SIM_SEEDS), significant  # a doubling is seen often
+
+
+def test_the_html_report_charts_each_measured_touchs_lift_with_its_interval(
+    sessions: sessionmaker[Session], settings: Settings, ledger: Ledger
+) -> None:
+    from nurture import retention
+    from nurture.reports import html
+
+    treated, held = ledger.contact_ids(40), ledger.contact_ids(40)
+    ledger.sends(treated, "incentive", T, SendStatus.SENT)
+    ledger.sends(held, "incentive", T, SendStatus.HELD_OUT)
+    ledger.sends(treated[:3], "education", T, SendStatus.SENT)  # no holdout: nothing to chart
+    ledger.visits(treated[:30] + held[:10], T + DAY)
+    programme = load_programme(settings.templates_dir)
+
+    with sessions() as session:
+        page = html.build(session, retention.Window.of(NOW.date()), settings, programme, now=NOW)
+
+    data = json.loads(page.split('id="report-data">', 1)[1].split("</script>", 1)[0])
+    [lift] = data["lifts"]
+    assert (lift["touch"], lift["treated"], lift["held_out"], lift["conclusive"]) == (
+        "incentive",
+        40,
+        40,
+        True,
+    )
+    assert lift["lift"] == pytest.approx(2.0)  # 75% against 25%: three times as many, +200%
+    assert lift["low"] < 2.0 < lift["high"]
