@@ -60,6 +60,7 @@ class Business:
         visits: Iterable[dt.datetime] = (),
         amount: Decimal = Decimal("40.00"),
         external_id: str | None = None,
+        country: str | None = None,
     ) -> int:
         """Add a contact and their history; give its id."""
         self._next += 1
@@ -73,6 +74,7 @@ class Business:
                 last_name="García",
                 email=f"{external_id}@example.com" if email == "auto" else email,
                 phone=phone,
+                country=country,
                 locale=locale,
                 timezone=timezone,
                 birthday=birthday,

@@ -918,3 +918,38 @@ def report_attribution(
         return
     for renderable in result.tables():
         console.print(renderable)
+
+
+campaign_app = typer.Typer(no_args_is_help=True, help="Ad-hoc campaigns ops send to a segment.")
+app.add_typer(campaign_app, name="campaign")
+
+
+@campaign_app.command("segments")
+def campaign_segments(
+    at: Annotated[
+        str | None, typer.Option(help="Judge last-visit ranges as of this ISO 8601 instant; default now.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Validate templates/segments.yaml and show how many contacts each segment holds."""
+    from nurture import segments
+
+    instant = _instant(at)
+    settings = load_settings()
+    try:
+        defined = segments.load_segments(settings.templates_dir)
+        with database_sessions(settings) as sessions, sessions.begin() as session:
+            sizes = {name: segments.size(session, segment, instant) for name, segment in defined.root.items()}
+            as_of = profiles.last_refreshed(session)
+    except NurtureError as error:
+        raise fail(error) from None
+    if as_json:
+        typer.echo(json.dumps({"profiles_as_of": as_of and as_of.isoformat(), "segments": sizes}))
+        return
+    table = Table("segment", "contacts", "description", title="segments")
+    for name, segment in defined.root.items():
+        table.add_row(name, f"{sizes[name]:,}", escape(segment.description))
+    console.print(table)
+    console.print(
+        f"profiles as of {as_of.isoformat()}" if as_of else "no profiles yet: run `nurture contacts refresh`"
+    )

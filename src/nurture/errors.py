@@ -6,9 +6,12 @@
     ├── ContactNotFound        no contact has the external id asked for
     ├── ProfileNotRefreshed    a contact has no profile yet: `nurture contacts refresh` has not run since
     ├── ProgrammeError         the programme under templates/ is invalid: every problem by file, line, field
+    │   └── SegmentError       templates/segments.yaml is invalid: every problem by file, line, field
     ├── UnknownTouch           a run was asked for a touch the programme does not have
     ├── UnknownPersona         a preview was asked for a persona personas.yaml does not have
     ├── BadAddress             a test send's seed address is not an email address or phone number
+    ├── UnknownSegment         a campaign was asked for a segment segments.yaml does not define
+    ├── CampaignError          a campaign cannot run as asked (resumed with other options, no profiles yet)
     ├── TemplateError          a message template cannot be rendered, named by file and line
     ├── ConfigurationError     a setting names something that does not exist (an unknown channel)
     ├── BadToken               an unsubscribe token is forged, garbled or signed with another key
@@ -78,6 +81,16 @@ class ProgrammeError(NurtureError):
         super().__init__("\n".join([head, *(f"  {problem}" for problem in self.problems)]))
 
 
+class SegmentError(ProgrammeError):
+    """Raised when ``segments.yaml`` is invalid; lists every problem found."""
+
+    def __init__(self, problems: Sequence[ProgrammeProblem]) -> None:
+        super().__init__(problems)
+        count = len(self.problems)
+        head = f"the segments have {count} problem{'s' if count != 1 else ''}"
+        self.args = ("\n".join([head, *(f"  {problem}" for problem in self.problems)]),)
+
+
 class ProfileNotRefreshed(NurtureError):
     """Raised when a contact has no profile yet because no refresh has run since it was imported."""
 
@@ -141,3 +154,19 @@ class BadAddress(NurtureError):
     def __init__(self, message: str, *, address: str) -> None:
         self.address = address
         super().__init__(f"--to {address!r}: {message}")
+
+
+class UnknownSegment(NurtureError):
+    """Raised when a campaign is asked for a segment that ``segments.yaml`` does not define."""
+
+    def __init__(self, name: str, *, known: Sequence[str]) -> None:
+        self.name = name
+        super().__init__(f"unknown segment {name!r}; segments.yaml has: {', '.join(known) or 'none'}")
+
+
+class CampaignError(NurtureError):
+    """Raised when a campaign cannot run as asked; says what to do instead."""
+
+    def __init__(self, message: str, *, campaign: str) -> None:
+        self.campaign = campaign
+        super().__init__(f"campaign {campaign!r}: {message}")
