@@ -459,3 +459,26 @@ class TopicUnsubscribe(Base):
     topic: Mapped[str] = mapped_column(String(64), primary_key=True)  # a touch name
     unsubscribed_at: Mapped[dt.datetime]
     source: Mapped[str] = mapped_column(String(255))
+
+
+class AdhocCampaign(Base):
+    """An ad-hoc campaign ops started: its options, fixed when it started, so that every run of it agrees.
+
+    Its sends are ledger rows with ``sends.campaign`` set to ``name`` and the occurrence ``campaign:<name>``,
+    so that each contact gets it once, however often the campaign is run, resumed or triggered.
+    """
+
+    __tablename__ = "campaigns"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    touch: Mapped[str] = mapped_column(String(64))
+    segment: Mapped[str] = mapped_column(String(64))
+    channel: Mapped[Channel | None] = mapped_column(_enum(Channel, "channel"))
+    holdout: Mapped[float | None]  # share held out; None: the touch's own
+    loyalty_first_hours: Mapped[int | None]  # loyal customers first, everyone else this many hours later
+    contact_limit: Mapped[int | None]  # --limit as asked
+    last_contact_id: Mapped[int | None]  # the limit as fixed at the start: contacts up to this id
+    starts_at: Mapped[dt.datetime]
+    created_at: Mapped[dt.datetime]
+    approved_at: Mapped[dt.datetime | None]  # when a person approved it, if it needed approval

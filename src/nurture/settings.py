@@ -185,6 +185,22 @@ class Settings(BaseSettings):
         " they are too small instead of showing a number.",
     )
 
+    # Ad-hoc campaigns (see README, "Ad-hoc campaigns (ops)")
+    campaign_approval_size: int = Field(
+        1000,
+        ge=0,
+        description="A campaign reaching more contacts than this pauses for a person's approval before it"
+        " sends anything.",
+    )
+    campaign_approval_timeout_minutes: int = Field(
+        24 * 60, ge=1, description="How long a paused campaign waits for approval; then nothing is sent."
+    )
+    sms_segment_price: Decimal = Field(
+        Decimal("0.0079"),
+        ge=0,
+        description="What one SMS segment costs, in your provider's billing currency: a campaign's estimate.",
+    )
+
     # The business every message speaks for (the templates' ``business`` variable).
     business_name: str = Field("Luma Studio", description="The business name messages are signed with.")
     business_website: str = Field("https://example.com", description="The business's website.")
