@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import json
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -953,3 +954,186 @@ def campaign_segments(
     console.print(
         f"profiles as of {as_of.isoformat()}" if as_of else "no profiles yet: run `nurture contacts refresh`"
     )
+
+
+@campaign_app.command("send")
+def campaign_send(
+    touch: Annotated[str, typer.Option(help="The programme's touch to send, e.g. promotion.")],
+    segment: Annotated[str, typer.Option(help="A segment named in templates/segments.yaml.")],
+    campaign: Annotated[
+        str | None,
+        typer.Option(help="Its name; the same name resumes it. Default: TOUCH-SEGMENT."),
+    ] = None,
+    channel: Annotated[Channel | None, typer.Option(help="Only this channel.")] = None,
+    holdout: Annotated[float | None, typer.Option(min=0, max=99, help="Percent held out.")] = None,
+    loyalty_first: Annotated[
+        int | None, typer.Option(min=1, metavar="HOURS", help="Loyal customers first, everyone HOURS later.")
+    ] = None,
+    send_at: Annotated[str | None, typer.Option(help="Start at this ISO 8601 instant; default now.")] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="At most N contacts of the segment.")] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Count, estimate and render samples; send nothing.")
+    ] = False,
+    yes: Annotated[
+        bool, typer.Option("--yes", help="Approve a large campaign without asking (for scripts).")
+    ] = False,
+    at: Annotated[str | None, typer.Option(help="Run as of this ISO 8601 instant; default now.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Send one touch to a segment through the adhoc-campaign flow; --dry-run first."""
+    from flows.adhoc_campaign import CampaignParameters, adhoc_campaign
+
+    from nurture import campaigns
+
+    instant = _instant(at)
+    try:
+        parameters = CampaignParameters(
+            touch=touch,
+            segment=segment,
+            campaign=campaign,
+            channel=channel,
+            holdout=holdout,
+            loyalty_first_hours=loyalty_first,
+            send_at=_instant(send_at) if send_at else None,
+            limit=limit,
+            dry_run=dry_run,
+            at=instant,
+        )
+    except ValueError as error:
+        raise fail(str(error).splitlines()[0] + ": " + str(error).splitlines()[-1].strip()) from None
+    settings = load_settings()
+    try:
+        # Checked before the flow starts, so that a typo costs no Prefect server start-up.
+        planned = campaigns.plan(settings, parameters.spec(instant), instant)
+    except NurtureError as error:
+        raise fail(error) from None
+    spec = planned.spec
+    as_of = planned.profiles_as_of.isoformat() if planned.profiles_as_of else "never refreshed"
+    err_console.print(
+        f"campaign [bold]{spec.name}[/]: segment {spec.segment} holds [bold]{planned.audience}[/] contacts"
+        f" (profiles as of {as_of}; the run brings them up to date)"
+        + (" — resuming it" if planned.started else ""),
+        highlight=False,
+        soft_wrap=True,
+    )
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = adhoc_campaign(parameters)
+        except BaseException as raised:  # noqa: BLE001 - handed to the main thread
+            outcome["error"] = raised
+
+    from prefect.client.orchestration import get_client
+
+    # Up before the flow starts, so that the flow and the approval below share one Prefect server.
+    with get_client(sync_client=True) as client:
+        client.hello()
+    worker = threading.Thread(target=run, name=f"campaign-{spec.name}")
+    worker.start()
+    _answer_approval(worker, spec.name, approve=yes)
+    worker.join()
+    if "error" in outcome:
+        raised = outcome["error"]
+        if isinstance(raised, NurtureError):
+            raise fail(raised)
+        raise raised
+    result = outcome["result"]
+    if as_json:
+        typer.echo(json.dumps(result, default=str))
+        return
+    _print_campaign(result)
+
+
+def _answer_approval(worker: threading.Thread, name: str, *, approve: bool) -> None:
+    """While the flow runs, answer its approval pause at the terminal (or with --yes)."""
+    import httpx
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowFilter,
+        FlowFilterName,
+        FlowRunFilter,
+        FlowRunFilterName,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+    from prefect.flow_runs import resume_flow_run
+
+    answered: set[Any] = set()
+    while worker.is_alive():
+        worker.join(timeout=2)
+        if not worker.is_alive():
+            return
+        try:
+            with get_client(sync_client=True) as client:
+                paused = client.read_flow_runs(
+                    flow_filter=FlowFilter(name=FlowFilterName(any_=["adhoc-campaign"])),
+                    flow_run_filter=FlowRunFilter(
+                        name=FlowRunFilterName(any_=[name]),
+                        state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED])),
+                    ),
+                )
+        except httpx.HTTPError:
+            continue  # asked again two seconds later
+        for flow_run in paused:
+            if flow_run.id in answered:
+                continue  # resumed; the flow notices within its poll interval
+            answered.add(flow_run.id)
+            description = _approval_description(flow_run.id)
+            console.print(description, markup=False, highlight=False, soft_wrap=True)
+            if approve:
+                answer = True
+            elif console.is_terminal:
+                answer = typer.confirm(f"Send campaign {name} as summarised above?", default=False)
+            else:
+                err_console.print("not a terminal and no --yes: the campaign is rejected, nothing sent")
+                answer = False
+            resume_flow_run(flow_run.id, run_input={"approve": answer})
+
+
+def _approval_description(flow_run_id: Any) -> str:
+    """Give the summary a paused campaign shows with its approval request."""
+    from prefect.client.orchestration import get_client
+    from prefect.input.actions import read_flow_run_input
+    from prefect.input.run_input import keyset_from_paused_state
+
+    with get_client(sync_client=True) as client:
+        flow_run = client.read_flow_run(flow_run_id)
+    assert flow_run.state is not None
+    keyset = keyset_from_paused_state(flow_run.state)
+    description = read_flow_run_input(keyset["description"], flow_run_id=flow_run_id)
+    return str(description or "")
+
+
+def _print_campaign(result: dict[str, Any]) -> None:
+    from nurture.calendar import COUNTS
+
+    mode = " (dry run)" if result["dry_run"] else ""
+    if result.get("rejected"):
+        mode = " (rejected: nothing sent; the dry run's counts)"
+    table = Table(title=f"campaign {result['campaign']} at {result['at']}{mode}")
+    table.add_column("outcome")
+    table.add_column("messages", justify="right")
+    for name in COUNTS:
+        if result[name] or name in ("planned", "sent"):
+            table.add_row(name.replace("_", " "), str(result[name]))
+    console.print(table)
+    channels = ", ".join(f"{k} {v}" for k, v in result["by_channel"].items()) or "none"
+    console.print(
+        f"by channel: {channels}; SMS segments {result['sms_segments']}, estimated cost {result['sms_cost']}",
+        highlight=False,
+    )
+    for sample in result["samples"]:
+        console.rule(f"sample: {sample['channel']}, {sample['locale']}, contact {sample['contact']}")
+        if sample["subject"]:
+            console.print(sample["subject"], style="bold", markup=False)
+        console.print(sample["text"], markup=False, highlight=False)
+    for error in result["errors"]:
+        err_console.print(f"[yellow]warning:[/] {error}", highlight=False)
+    if result.get("next_run"):
+        console.print(
+            f"Contacts still wait (their send window, the caps or the second wave): run the same command"
+            f" again at or after {result['next_run']} (a deployed adhoc-campaign schedules it itself).",
+            highlight=False,
+        )
