@@ -997,7 +997,8 @@ def campaign_send(
             send_at=_instant(send_at) if send_at else None,
             limit=limit,
             dry_run=dry_run,
-            at=instant,
+            # Only when asked: a campaign approved hours later then runs as of its approval.
+            at=instant if at else None,
         )
     except ValueError as error:
         raise fail(str(error).splitlines()[0] + ": " + str(error).splitlines()[-1].strip()) from None
@@ -1137,3 +1138,42 @@ def _print_campaign(result: dict[str, Any]) -> None:
             f" again at or after {result['next_run']} (a deployed adhoc-campaign schedules it itself).",
             highlight=False,
         )
+
+
+@campaign_app.command("cancel")
+def campaign_cancel(
+    name: Annotated[str, typer.Argument(help="The campaign's name (its flow runs are named after it).")],
+) -> None:
+    """Cancel the campaign's running, paused and scheduled flow runs on the Prefect server."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowFilter,
+        FlowFilterName,
+        FlowRunFilter,
+        FlowRunFilterName,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+    from prefect.states import Cancelling
+
+    live = [StateType.SCHEDULED, StateType.PENDING, StateType.RUNNING, StateType.PAUSED]
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=["adhoc-campaign"])),
+            flow_run_filter=FlowRunFilter(
+                name=FlowRunFilterName(any_=[name]),
+                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=live)),
+            ),
+        )
+        for flow_run in runs:
+            # As `prefect flow-run cancel` does: the worker stops a running one, a scheduled one never starts.
+            client.set_flow_run_state(flow_run.id, Cancelling(), force=True)
+    if not runs:
+        raise fail(f"campaign {name!r} has no running, paused or scheduled flow run")
+    console.print(
+        f"cancelling {len(runs)} flow run(s) of campaign {name}: {', '.join(str(r.id) for r in runs)}."
+        " What went out stays recorded; `nurture campaign send` with the same options resumes it.",
+        highlight=False,
+        soft_wrap=True,
+    )

@@ -102,3 +102,31 @@ def test_an_approved_campaign_sends_once_and_a_second_run_sends_nothing_more(
 
     other = send(*args, "--holdout", "20")
     assert other.returncode == 1 and "holdout None (asked: 0.2)" in other.stderr
+
+
+@pytest.mark.slow
+def test_cancel_stops_the_campaigns_flow_runs_and_no_other(settings: Settings) -> None:
+    from flows.adhoc_campaign import adhoc_campaign
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import StateType
+    from prefect.states import Scheduled
+    from prefect.testing.utilities import prefect_test_harness
+    from typer.testing import CliRunner
+
+    from nurture.cli import app
+
+    later = Scheduled(scheduled_time=dt.datetime.now(dt.UTC) + dt.timedelta(hours=2))
+    with prefect_test_harness(server_startup_timeout=120), get_client(sync_client=True) as client:
+        winter = client.create_flow_run(adhoc_campaign, name="winter", state=later)
+        spring = client.create_flow_run(adhoc_campaign, name="spring", state=later)
+
+        result = CliRunner().invoke(app, ["campaign", "cancel", "winter"])
+        again = CliRunner().invoke(app, ["campaign", "cancel", "winter"])
+
+        cancelled = client.read_flow_run(winter.id).state
+        untouched = client.read_flow_run(spring.id).state
+    assert result.exit_code == 0, result.output
+    assert str(winter.id) in result.output
+    assert cancelled is not None and cancelled.type in (StateType.CANCELLING, StateType.CANCELLED)
+    assert untouched is not None and untouched.type is StateType.SCHEDULED
+    assert again.exit_code == 1 and "no running, paused or scheduled flow run" in again.output
