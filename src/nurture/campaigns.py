@@ -134,7 +134,7 @@ class CampaignSummary(RunSummary):
             "early_access": self.early_access,
             "second_wave_at": self.second_wave_at.isoformat() if self.second_wave_at else None,
             "sms_segments": self.sms_segments,
-            "sms_cost": str(self.sms_cost),
+            "sms_cost": str(self.sms_cost.quantize(Decimal("0.01"))),
             "samples": [dataclasses.asdict(sample) for sample in self.samples],
         }
 
@@ -289,7 +289,12 @@ class CampaignCalendar(Calendar):
             begins = spec.starts_at if row.early or second is None else second
             due = local_date(begins, row.timezone)
             yield Due(
-                row.contact_id, touch, occurrence, due, due + (touch.valid_days - 1) * DAY, early=row.early
+                row.contact_id,
+                touch,
+                occurrence,
+                due,
+                due + (touch.valid_days - 1) * DAY,
+                early=bool(row.early),
             )
 
     def _entry(self, plan: Plan, message: Rendered | None, status: SendStatus) -> ledger.Entry:
