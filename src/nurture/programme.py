@@ -285,12 +285,12 @@ def load_programme(root: Path) -> Programme:
     """Load and validate the programme under ``root``; raise ``ProgrammeError`` listing every problem."""
     problems: list[ProgrammeProblem] = []
     rules_path = root / "programme.yaml"
-    rules = load_file(rules_path, Rules, problems) if rules_path.exists() else Rules()
+    rules = _load(rules_path, Rules, problems) if rules_path.exists() else Rules()
     if not rules_path.exists():
         problems.append(ProgrammeProblem(path=rules_path, line=None, field=None, message="file not found"))
     touches: list[Touch] = []
     for path in sorted((root / "touches").glob("*.yaml")):
-        touch = load_file(path, Touch, problems, defaults={"name": path.stem})
+        touch = _load(path, Touch, problems, defaults={"name": path.stem})
         if touch is None:
             continue
         if touch.name != path.stem:
@@ -302,7 +302,7 @@ def load_programme(root: Path) -> Programme:
         touches.append(touch)
     content: list[ContentItem] = []
     for path in sorted((root / "content").glob("*.yaml")):
-        item = load_file(path, ContentItem, problems, defaults={"id": path.stem})
+        item = _load(path, ContentItem, problems, defaults={"id": path.stem})
         if item is not None:
             content.append(item)
     if not touches and not problems:
@@ -375,10 +375,9 @@ def _new_customers_only(audience: Audience) -> bool:
 _M = TypeVar("_M", bound=BaseModel)
 
 
-def load_file(
+def _load(
     path: Path, model: type[_M], problems: list[ProgrammeProblem], defaults: Mapping[str, Any] | None = None
 ) -> _M | None:
-    """Validate one YAML file as ``model``; add each problem, with its line and field, to ``problems``."""
     try:
         text = path.read_text(encoding="utf-8")
         node = yaml.compose(text, Loader=yaml.SafeLoader)
