@@ -1,0 +1,233 @@
+"""prefect.yaml as a deployer uses it: a Prefect server, `prefect deploy --all`, a process worker, a run.
+
+Everything runs for real in subprocesses: the server on a free loopback port with a home of its own (on
+SQLite, or on a scratch PostgreSQL database beside nurture's), the CLI, the worker and the flow runs it
+starts. The server's scheduler is off, so that no hourly run fires in the middle of a test.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import pytest
+from sqlalchemy import make_url, text
+from sqlalchemy.orm import Session, sessionmaker
+
+from histories import Business, local, outbox_emails
+from nurture import db
+from nurture.settings import Settings
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+MADRID = "Europe/Madrid"
+AT = local(MADRID, 2026, 11, 23, 10, 0)
+
+pytestmark = pytest.mark.slow
+
+
+class PrefectStack:
+    """A Prefect server, the CLI against it and process workers, all stopped by ``close``."""
+
+    def __init__(self, home: Path, server_database: str | None) -> None:
+        self.home = home
+        self.logs = home / "logs"
+        self.logs.mkdir(parents=True)
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.api_url = f"http://127.0.0.1:{self.port}/api"
+        base = {name: value for name, value in os.environ.items() if not name.startswith("PREFECT_")}
+        self.env = {
+            **base,
+            "PREFECT_HOME": str(home / "prefect"),
+            "PREFECT_API_URL": self.api_url,
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_LOGGING_LOGGERS_PREFECT_SERVER_LEVEL": "CRITICAL",
+            # A worker looks for new runs every second, not every ten.
+            "PREFECT_WORKER_QUERY_SECONDS": "1",
+        }
+        self.server_env = {
+            **self.env,
+            "PREFECT_SERVER_API_HOST": "127.0.0.1",
+            "PREFECT_SERVER_API_PORT": str(self.port),
+            "PREFECT_SERVER_UI_ENABLED": "false",
+            "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false",
+            # The server's own errors go to its log; only the CLI's and the flows' are kept quiet.
+            "PREFECT_LOGGING_LOGGERS_PREFECT_SERVER_LEVEL": "WARNING",
+        }
+        del self.server_env["PREFECT_API_URL"]
+        if server_database:
+            self.server_env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = server_database
+        self._processes: list[tuple[subprocess.Popen[bytes], IO[bytes]]] = []
+
+    def start_server(self, timeout: float = 150) -> None:
+        """Start ``prefect server start`` and wait until its API answers."""
+        server = self._start("server", ["server", "start"], self.server_env)
+        deadline = time.monotonic() + timeout
+        while True:
+            with contextlib.suppress(OSError):
+                with urllib.request.urlopen(f"{self.api_url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        return
+            if server.poll() is not None:
+                pytest.fail(f"prefect server exited with {server.returncode}\n{self.tails()}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"prefect server did not answer within {timeout:.0f} s\n{self.tails()}")
+            time.sleep(0.5)
+
+    def start_worker(self, *args: str) -> None:
+        """Start ``prefect worker start`` with ``args``; its flow runs get the test's environment."""
+        worker = self._start("worker", ["worker", "start", *args], self.env)
+        time.sleep(1)
+        if worker.poll() is not None:
+            pytest.fail(f"prefect worker exited with {worker.returncode}\n{self.tails()}")
+
+    def cli(self, *args: str, cwd: Path | None = None, timeout: float = 240) -> str:
+        """Run one ``prefect`` command to the end; fail the test with its output and the logs if it fails."""
+        command = [str(BIN / "prefect"), "--no-prompt", *args]
+        try:
+            result = subprocess.run(
+                command, cwd=cwd, env=self.env, capture_output=True, text=True, timeout=timeout
+            )
+        except subprocess.TimeoutExpired as timed_out:
+            pytest.fail(
+                f"`prefect {' '.join(args)}` took over {timeout:.0f} s\n{timed_out.stdout!r}\n{self.tails()}"
+            )
+        if result.returncode != 0:
+            pytest.fail(
+                f"`prefect {' '.join(args)}` exited with {result.returncode}\n"
+                f"{result.stdout}\n{result.stderr}\n{self.tails()}"
+            )
+        return result.stdout
+
+    def api(self, path: str) -> Any:
+        """GET one resource of the server's REST API."""
+        with urllib.request.urlopen(f"{self.api_url}/{path}", timeout=30) as response:
+            return json.load(response)
+
+    def tails(self, size: int = 6000) -> str:
+        """The end of every process's log, for a failure message."""
+        parts = []
+        for path in sorted(self.logs.glob("*.log")):
+            parts.append(f"--- {path.name} ---\n{path.read_text(errors='replace')[-size:]}")
+        return "\n".join(parts)
+
+    def close(self) -> None:
+        """Stop every process started, with all of its children, and wait for them."""
+        for process, _ in self._processes:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
+        for process, log in self._processes:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=30)
+            # The group may outlive its leader: a flow run the worker started.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            log.close()
+
+    def _start(self, name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+        log = (self.logs / f"{name}-{len(self._processes)}.log").open("wb")
+        process = subprocess.Popen(
+            [str(BIN / "prefect"), *args],
+            cwd=self.home,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group, so that close stops its children too
+        )
+        self._processes.append((process, log))
+        return process
+
+
+@pytest.fixture
+def server_database(database_url: str) -> Iterator[str | None]:
+    """Where the Prefect server keeps its state: beside nurture's database when that is PostgreSQL."""
+    if not database_url.startswith("postgresql"):
+        yield None
+        return
+    server = db.make_engine(database_url).execution_options(isolation_level="AUTOCOMMIT")
+    name = f"prefect_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    with server.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        url = make_url(database_url).set(drivername="postgresql+asyncpg", database=name)
+        yield url.render_as_string(hide_password=False)
+    finally:
+        with server.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        server.dispose()
+
+
+@pytest.fixture
+def checkout(tmp_path: Path) -> Path:
+    """What a worker's machine holds of the repository: prefect.yaml, the flows and the templates."""
+    home = tmp_path / "checkout"
+    home.mkdir()
+    shutil.copy(REPO / "prefect.yaml", home)
+    shutil.copytree(REPO / "flows", home / "flows", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / "templates", home / "templates")
+    programme = home / "templates" / "programme.yaml"
+    # No holdout: each of the two customers below is sent their welcome.
+    programme.write_text(programme.read_text().replace("holdout: 0.10", "holdout: 0"))
+    return home
+
+
+@pytest.fixture
+def stack(
+    tmp_path: Path, checkout: Path, server_database: str | None, settings: Settings
+) -> Iterator[PrefectStack]:
+    stack = PrefectStack(tmp_path / "prefect-stack", server_database)
+    stack.env["NURTURE_HOME"] = str(checkout)
+    stack.env["NURTURE_TEMPLATES_DIR"] = str(checkout / "templates")
+    try:
+        yield stack
+    finally:
+        stack.close()
+
+
+@pytest.fixture
+def two_new_customers(sessions: sessionmaker[Session]) -> Business:
+    business = Business(sessions)
+    business.contact(visits=[local(MADRID, 2026, 11, 22, 12, 0)])
+    business.contact(locale="pt", timezone="Europe/Lisbon", visits=[local(MADRID, 2026, 11, 22, 12, 0)])
+    return business
+
+
+def test_deployed_calendar_runs_on_a_worker_and_writes_to_the_outbox(
+    stack: PrefectStack, checkout: Path, settings: Settings, two_new_customers: Business
+) -> None:
+    stack.start_server()
+    stack.cli("work-pool", "create", "nurture", "--type", "process")
+    # The worker starts while the flows deploy.
+    stack.start_worker("--pool", "nurture", "--limit", "2")
+    stack.cli("deploy", "--all", cwd=checkout)
+
+    hourly = stack.api("deployments/name/contact-calendar/hourly")
+    [schedule] = hourly["schedules"]
+    assert schedule["schedule"]["cron"] == "5 * * * *" and hourly["work_pool_name"] == "nurture"
+    assert hourly["global_concurrency_limit"]["limit"] == 1
+
+    parameters = {"parameters": {"at": AT.isoformat(), "dry_run": False}}
+    run = ["deployment", "run", "contact-calendar/ad-hoc", "--params", json.dumps(parameters)]
+    out = stack.cli(*run, "--watch", "--watch-timeout", "180")
+
+    assert "Completed" in out, out
+    emails = outbox_emails(settings)
+    assert len(emails) == 2, stack.tails()
+    assert sorted(send.touch for send in two_new_customers.sends()) == ["welcome", "welcome"]
