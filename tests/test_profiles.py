@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import TypeAdapter
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 from typer.testing import CliRunner
@@ -442,3 +443,25 @@ def test_each_refresh_is_recorded_with_how_many_contacts_it_summed_up(shop: Shop
         assert profiles.last_refreshed(session) == day(13)
     # The first refresh sums everyone up; the second only the contact imported since, with two visits.
     assert [tuple(row) for row in rows] == [(day(11), 5), (day(13), 1)]
+
+
+def test_a_basis_sent_as_json_writes_the_same_profiles_on_the_other_side(shop: Shop) -> None:
+    # A calendar run hands its basis to the runs that send its ranges, on other machines, as JSON.
+    for n in range(12):
+        shop.customer(f"c{n}", [0, 7, 19], amount=f"{13.37 * (n % 4 + 1):.2f}", tags=["color"] * (n % 2))
+    shop.customer("prospect")
+    with shop.sessions.begin() as session:
+        basis = profiles.sum_up(session, shop.settings, day(21))
+    as_json = TypeAdapter(profiles.Basis).dump_json(basis)
+    travelled = TypeAdapter(profiles.Basis).validate_json(as_json)
+    assert travelled == basis
+
+    def tiers(sent: profiles.Basis) -> dict[str, ValueTier]:
+        with shop.sessions.begin() as session:
+            profiles.write_profiles(session, shop.settings, sent)
+        return {f"c{n}": shop.profile(f"c{n}").value_tier for n in range(12)}
+
+    here = tiers(basis)
+    assert tiers(travelled) == here
+    # Three customers at each value: ties, ranked by spend and then by contact id.
+    assert set(here.values()) == {ValueTier.HIGH, ValueTier.MEDIUM, ValueTier.LOW}

@@ -1270,6 +1270,17 @@ def open_run(
         run.close()
 
 
+def send_range(request: RunRequest, basis: profiles.Basis, low: int, high: int) -> RunSummary:
+    """Send one range of a run that ``Run.begin`` began elsewhere: another flow run, on any machine.
+
+    The run's basis is all this process needs of the beginning; the ledger keeps it and the run's other
+    ranges apart as it keeps concurrent runs apart, so a range sent twice sends nothing twice.
+    """
+    with contextlib.closing(Run(request)) as run:
+        run.basis = basis
+        return run.send(low, high)
+
+
 def run_calendar(
     settings: Settings,
     at: dt.datetime,

@@ -488,8 +488,8 @@ def _facts_query(at: dt.datetime, only: Table | None) -> Select[Any]:
 class _Rank:
     """Where a customer stands in the value ranking: expected value, then total spend, then contact id."""
 
-    expected_value: Any
-    total_spend: Any
+    expected_value: Decimal | None
+    total_spend: Decimal | None
     contact_id: int
 
 
@@ -542,8 +542,16 @@ def _tier_bounds(
             ranking.c.n.in_([high, medium])
         )
     ).all()
-    found = {row.n: _Rank(row.expected_value, row.total_spend, row.contact_id) for row in rows}
+    # Decimals whatever the driver gives (SQLite a float): a basis handed as JSON to a calendar run on another
+    # machine then ranks exactly as here. str() of a float round-trips, so the comparisons do not move.
+    found = {
+        row.n: _Rank(_decimal(row.expected_value), _decimal(row.total_spend), row.contact_id) for row in rows
+    }
     return found.get(high), found.get(medium)
+
+
+def _decimal(value: Any) -> Decimal | None:
+    return None if value is None else Decimal(str(value))
 
 
 def _profiles_query(

@@ -1,8 +1,10 @@
-"""prefect.yaml as a deployer uses it: a Prefect server, `prefect deploy --all`, a process worker, a run.
+"""prefect.yaml as a deployer uses it: a Prefect server, `prefect deploy --all`, process workers, runs.
 
-Everything runs for real in subprocesses: the server on a free loopback port with a home of its own (on
-SQLite, or on a scratch PostgreSQL database beside nurture's), the CLI, the worker and the flow runs it
-starts. The server's scheduler is off, so that no hourly run fires in the middle of a test.
+Everything runs for real in subprocesses: the server on a free loopback port with a home of its own, the
+CLI, the workers and the flow runs they start. The server's scheduler is off, so that no hourly run fires
+in the middle of a test. One machine's setup runs on SQLite; the setup of several machines, where one run's
+ranges go to the pool's workers, runs with nurture's database and the Prefect server's on PostgreSQL
+(scratch databases, dropped afterwards), as several machines need. Each test costs a minute or two.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from nurture import db
 from nurture.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
+POSTGRES_URL = os.environ.get("NURTURE_TEST_DATABASE_URL")
 BIN = Path(sys.executable).parent
 MADRID = "Europe/Madrid"
 AT = local(MADRID, 2026, 11, 23, 10, 0)
@@ -116,6 +119,16 @@ class PrefectStack:
     def api(self, path: str) -> Any:
         """GET one resource of the server's REST API."""
         with urllib.request.urlopen(f"{self.api_url}/{path}", timeout=30) as response:
+            return json.load(response)
+
+    def api_post(self, path: str, body: dict[str, Any]) -> Any:
+        """POST ``body`` to one endpoint of the server's REST API; give the answer."""
+        request = urllib.request.Request(
+            f"{self.api_url}/{path}",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
             return json.load(response)
 
     def tails(self, size: int = 6000) -> str:
@@ -209,14 +222,21 @@ def two_new_customers(sessions: sessionmaker[Session]) -> Business:
     return business
 
 
+def deploy(stack: PrefectStack, checkout: Path, workers: int = 1) -> None:
+    """Start the server, create the work pool, start the workers and deploy every flow of prefect.yaml."""
+    stack.start_server()
+    stack.cli("work-pool", "create", "nurture", "--type", "process")
+    # The workers start while the flows deploy.
+    for n in range(workers):
+        stack.start_worker("--pool", "nurture", "--limit", "2", "--name", f"worker-{n}")
+    stack.cli("deploy", "--all", cwd=checkout)
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_deployed_calendar_runs_on_a_worker_and_writes_to_the_outbox(
     stack: PrefectStack, checkout: Path, settings: Settings, two_new_customers: Business
 ) -> None:
-    stack.start_server()
-    stack.cli("work-pool", "create", "nurture", "--type", "process")
-    # The worker starts while the flows deploy.
-    stack.start_worker("--pool", "nurture", "--limit", "2")
-    stack.cli("deploy", "--all", cwd=checkout)
+    deploy(stack, checkout)
 
     hourly = stack.api("deployments/name/contact-calendar/hourly")
     [schedule] = hourly["schedules"]
@@ -231,3 +251,32 @@ def test_deployed_calendar_runs_on_a_worker_and_writes_to_the_outbox(
     emails = outbox_emails(settings)
     assert len(emails) == 2, stack.tails()
     assert sorted(send.touch for send in two_new_customers.sends()) == ["welcome", "welcome"]
+
+
+@pytest.mark.skipif(not POSTGRES_URL, reason="needs NURTURE_TEST_DATABASE_URL: machines share PostgreSQL")
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_a_calendar_run_hands_its_ranges_to_the_workers_of_the_pool(
+    stack: PrefectStack, checkout: Path, settings: Settings, sessions: sessionmaker[Session]
+) -> None:
+    business = Business(sessions)
+    for _ in range(250):
+        business.contact(visits=[local(MADRID, 2026, 11, 22, 12, 0)])
+    deploy(stack, checkout, workers=2)
+
+    parameters = {
+        "at": AT.isoformat(),
+        "dry_run": False,
+        "batch_size": 100,
+        "range_deployment": "calendar-range/on-demand",
+    }
+    run = ["deployment", "run", "contact-calendar/ad-hoc", "--params", json.dumps({"parameters": parameters})]
+    out = stack.cli(*run, "--watch", "--watch-timeout", "240")
+
+    assert "Completed" in out, out
+    ranges = stack.api_post("flow_runs/filter", {"flows": {"name": {"any_": ["calendar-range"]}}})
+    assert sorted(run["name"] for run in ranges) == ["contacts 1-100", "contacts 101-200", "contacts 201-250"]
+    assert {run["state_type"] for run in ranges} == {"COMPLETED"}
+    # Every customer's welcome, once, whichever worker sent it.
+    assert len(outbox_emails(settings)) == 250, stack.tails()
+    sends = business.sends()
+    assert len(sends) == 250 and len({send.contact_id for send in sends}) == 250
