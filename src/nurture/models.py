@@ -361,6 +361,9 @@ class Send(Base):
     __tablename__ = "sends"
     __table_args__ = (
         Index("ix_sends_contact_sent", "contact_id", "sent_at"),
+        # What the calendar asks of a range's ledger per touch (the last education item, win-back steps since
+        # the last visit, cooldowns), answered from the index without reading the rows.
+        Index("ix_sends_contact_touch", "contact_id", "touch", "claimed_at", "due_at", "status"),
         Index("ix_sends_touch_status", "touch", "status"),
         Index("ix_sends_status", "status"),
         Index("ix_sends_provider_message_id", "provider_message_id"),
