@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import threading
 from typing import Any
 
 from prefect import flow, task
@@ -39,6 +40,13 @@ class CalendarParameters(BaseModel):
         description="Hand each range to a run of this deployment (calendar-range/on-demand), so that the work"
         " pool's workers, on every machine, send them; empty: this run's own processes send them.",
     )
+    ranges_at_once: int = Field(
+        4,
+        ge=1,
+        le=256,
+        description="With range_deployment, how many ranges are sent at once; each sends at that share of"
+        " the providers' rates, so that together they keep to the configured ones.",
+    )
 
 
 class RangeParameters(BaseModel):
@@ -51,6 +59,7 @@ class RangeParameters(BaseModel):
     low: int = Field(description="The first contact id of the range.")
     high: int = Field(description="The contact id just after the range.")
     basis: Basis = Field(description="The population's medians and value-tier bounds, as the run found them.")
+    sharing: int = Field(1, ge=1, description="Ranges of the run sent at once, this one among them.")
 
 
 @task(cache_policy=NO_CACHE)
@@ -66,13 +75,15 @@ def send_range_in_run(run: Run, low: int, high: int) -> RunSummary:
 
 
 @task(cache_policy=NO_CACHE)
-def send_range_elsewhere(deployment: str, job: RangeParameters) -> RunSummary:
+def send_range_elsewhere(deployment: str, job: RangeParameters, turn: threading.Semaphore) -> RunSummary:
     """Have a worker of the pool send one range as a run of ``deployment``; wait for it, give what it did."""
-    child = run_deployment(
-        deployment,
-        parameters={"parameters": job.model_dump(mode="json")},
-        flow_run_name=f"contacts {job.low}-{job.high - 1}",
-    )
+    # No more than job.sharing ranges at once: each sends at that share of the providers' rates.
+    with turn:
+        child = run_deployment(
+            deployment,
+            parameters={"parameters": job.model_dump(mode="json")},
+            flow_run_name=f"contacts {job.low}-{job.high - 1}",
+        )
     assert isinstance(child, FlowRun)  # called from sync code, it waits and gives the finished run
     if child.state is None or not child.state.is_completed():
         state = child.state.name if child.state else "unknown"
@@ -101,8 +112,10 @@ def contact_calendar(parameters: CalendarParameters | None = None) -> dict[str, 
         summary, ranges = prepare(run, parameters.batch_size)
         if elsewhere:
             assert run.basis is not None
-            jobs = [_range_job(run, run.basis, low, high) for low, high in ranges]
-            parts = [send_range_elsewhere.submit(elsewhere, job) for job in jobs]
+            sharing = min(parameters.ranges_at_once, len(ranges))
+            turn = threading.BoundedSemaphore(sharing)
+            jobs = [_range_job(run, run.basis, low, high, sharing) for low, high in ranges]
+            parts = [send_range_elsewhere.submit(elsewhere, job, turn) for job in jobs]
         else:
             # The ranges run side by side, each in one of the run's worker processes (see Run).
             parts = [send_range_in_run.submit(run, low, high) for low, high in ranges]
@@ -115,7 +128,7 @@ def contact_calendar(parameters: CalendarParameters | None = None) -> dict[str, 
     return summary.as_dict()
 
 
-def _range_job(run: Run, basis: Basis, low: int, high: int) -> RangeParameters:
+def _range_job(run: Run, basis: Basis, low: int, high: int, sharing: int) -> RangeParameters:
     request = run.request
     touches = list(request.touches) if request.touches else None
     return RangeParameters(
@@ -126,6 +139,7 @@ def _range_job(run: Run, basis: Basis, low: int, high: int) -> RangeParameters:
         low=low,
         high=high,
         basis=basis,
+        sharing=sharing,
     )
 
 
@@ -134,6 +148,8 @@ def calendar_range(parameters: RangeParameters) -> RunSummary:
     """Send what is due to one range of contacts, for a contact-calendar run begun on another worker."""
     touches = tuple(parameters.touches) if parameters.touches else None
     request = RunRequest(load_settings(), parameters.at, parameters.dry_run, touches, parameters.run_id)
-    summary = send_range(request, parameters.basis, parameters.low, parameters.high)
+    summary = send_range(
+        request, parameters.basis, parameters.low, parameters.high, sharing=parameters.sharing
+    )
     print(f"contacts {parameters.low}-{parameters.high - 1}: " + json.dumps(summary.as_dict()["by_touch"]))
     return summary

@@ -1270,12 +1270,16 @@ def open_run(
         run.close()
 
 
-def send_range(request: RunRequest, basis: profiles.Basis, low: int, high: int) -> RunSummary:
+def send_range(
+    request: RunRequest, basis: profiles.Basis, low: int, high: int, *, sharing: int = 1
+) -> RunSummary:
     """Send one range of a run that ``Run.begin`` began elsewhere: another flow run, on any machine.
 
     The run's basis is all this process needs of the beginning; the ledger keeps it and the run's other
-    ranges apart as it keeps concurrent runs apart, so a range sent twice sends nothing twice.
+    ranges apart as it keeps concurrent runs apart, so a range sent twice sends nothing twice. It is one of
+    ``sharing`` ranges sent at once, and sends with that share of the providers' rates.
     """
+    request = replace(request, settings=shared_by(request.settings, sharing))
     with contextlib.closing(Run(request)) as run:
         run.basis = basis
         return run.send(low, high)

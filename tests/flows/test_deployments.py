@@ -268,6 +268,7 @@ def test_a_calendar_run_hands_its_ranges_to_the_workers_of_the_pool(
         "dry_run": False,
         "batch_size": 100,
         "range_deployment": "calendar-range/on-demand",
+        "ranges_at_once": 2,
     }
     run = ["deployment", "run", "contact-calendar/ad-hoc", "--params", json.dumps({"parameters": parameters})]
     out = stack.cli(*run, "--watch", "--watch-timeout", "240")
@@ -276,6 +277,8 @@ def test_a_calendar_run_hands_its_ranges_to_the_workers_of_the_pool(
     ranges = stack.api_post("flow_runs/filter", {"flows": {"name": {"any_": ["calendar-range"]}}})
     assert sorted(run["name"] for run in ranges) == ["contacts 1-100", "contacts 101-200", "contacts 201-250"]
     assert {run["state_type"] for run in ranges} == {"COMPLETED"}
+    # Two at a time, each at half the providers' rates.
+    assert {run["parameters"]["parameters"]["sharing"] for run in ranges} == {2}
     # Every customer's welcome, once, whichever worker sent it.
     assert len(outbox_emails(settings)) == 250, stack.tails()
     sends = business.sends()
