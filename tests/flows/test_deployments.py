@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -121,6 +122,19 @@ class PrefectStack:
         with urllib.request.urlopen(f"{self.api_url}/{path}", timeout=30) as response:
             return json.load(response)
 
+    def wait_for(self, flow_run_id: str, timeout: float = 180) -> Any:
+        """Wait until a flow run is over; give it as the API does."""
+        deadline = time.monotonic() + timeout
+        while True:
+            run = self.api(f"flow_runs/{flow_run_id}")
+            if run["state_type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+                return run
+            if time.monotonic() > deadline:
+                pytest.fail(
+                    f"flow run {flow_run_id} still {run['state_type']} after {timeout:.0f} s\n{self.tails()}"
+                )
+            time.sleep(1)
+
     def api_post(self, path: str, body: dict[str, Any]) -> Any:
         """POST ``body`` to one endpoint of the server's REST API; give the answer."""
         request = urllib.request.Request(
@@ -140,9 +154,14 @@ class PrefectStack:
 
     def close(self) -> None:
         """Stop every process started, with all of its children, and wait for them."""
+        # A worker starts each flow run in a session of its own: find them before their worker goes.
+        runs = [pid for process, _ in self._processes for pid in _descendants(process.pid)]
         for process, _ in self._processes:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGTERM)
+        for pid in runs:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         for process, log in self._processes:
             try:
                 process.wait(timeout=30)
@@ -166,6 +185,22 @@ class PrefectStack:
         )
         self._processes.append((process, log))
         return process
+
+
+def _descendants(pid: int) -> list[int]:
+    """The processes below ``pid``, from /proc (empty where there is none)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            # The command name (in parentheses) may hold spaces: the fields after it are split safely.
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
 
 
 @pytest.fixture
@@ -251,6 +286,22 @@ def test_deployed_calendar_runs_on_a_worker_and_writes_to_the_outbox(
     emails = outbox_emails(settings)
     assert len(emails) == 2, stack.tails()
     assert sorted(send.touch for send in two_new_customers.sends()) == ["welcome", "welcome"]
+
+    # The week's attribution report and a campaign's dry run, as their schedule and ops start them.
+    weekly = stack.api("deployments/name/attribution-report/weekly")
+    assert weekly["schedules"][0]["schedule"]["cron"] == "0 6 * * 1"
+    at = {"at": AT.isoformat()}
+    campaign = {"parameters": {**at, "touch": "promotion", "segment": "loyal", "dry_run": True}}
+    started = [
+        stack.cli(
+            "deployment", "run", "attribution-report/weekly", "--params", json.dumps({"parameters": at})
+        ),
+        stack.cli("deployment", "run", "adhoc-campaign/on-demand", "--params", json.dumps(campaign)),
+    ]
+    for out in started:
+        created = re.search(r"UUID: ([0-9a-f-]{36})", out)
+        assert created, out
+        assert stack.wait_for(created[1])["state_type"] == "COMPLETED", stack.tails()
 
 
 @pytest.mark.skipif(not POSTGRES_URL, reason="needs NURTURE_TEST_DATABASE_URL: machines share PostgreSQL")
