@@ -78,6 +78,8 @@ def test_every_touch_renders_in_every_locale_on_both_channels(
     assert "  " not in sms.text and "\n" not in sms.text
     assert not re.search(r"[.!?:][A-ZÁÉÍÓÚ¡¿]", sms.text), "two sentences glued together"
     assert not re.search(r"[a-z][.!?:][A-ZÁÉÍÓÚ¡¿]", email.text), "two sentences glued together"
+    for text in (sms.text, email.text, email.subject):
+        assert not re.search(r"[,;:][.!?]|\s[,.;:!?]", text), f"stray punctuation in {text!r}"
     assert context["links"]["unsubscribe"] in sms.text
 
 
