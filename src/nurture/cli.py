@@ -26,7 +26,7 @@ from nurture import attribution, db, demo, ledger, profiles, rendering, retentio
 from nurture.errors import NurtureError, ProfileNotRefreshed, UnknownTouch
 from nurture.imports import ImportKind, import_file
 from nurture.models import Channel, SendStatus
-from nurture.programme import load_programme
+from nurture.programme import Programme, load_programme
 from nurture.reports import html as html_report
 from nurture.settings import Settings, load_settings
 
@@ -692,24 +692,21 @@ def _report_date(value: str | None, option: str) -> dt.date | None:
         raise fail(f"{option} {value!r}: not a date like 2026-10-31") from None
 
 
-@report_app.command("retention")
-def report_retention(
-    since: Annotated[
-        str | None,
-        typer.Option(help="First day (YYYY-MM-DD), rounded down to its period; default 12 periods."),
-    ] = None,
-    until: Annotated[
-        str | None, typer.Option(help="Last day (YYYY-MM-DD), included; default today (UTC).")
-    ] = None,
-    period: Annotated[retention.Period, typer.Option(help="What retention is counted over.")] = (
-        retention.Period.MONTH
-    ),
-    slipping: Annotated[int, typer.Option(min=0, help="Customers shown on the early-warning list.")] = 20,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
-) -> None:
-    """Retention and churn per period and cohort, lifetime value, cost of retention, saves, satisfaction."""
+WindowSince = Annotated[
+    str | None, typer.Option(help="First day (YYYY-MM-DD), rounded down to its period; default 12 periods.")
+]
+WindowUntil = Annotated[
+    str | None, typer.Option(help="Last day (YYYY-MM-DD), included; default today (UTC).")
+]
+WindowPeriod = Annotated[retention.Period, typer.Option(help="What retention is counted over.")]
+
+
+def _report_window(
+    since: str | None, until: str | None, period: retention.Period, today: dt.date
+) -> tuple[Settings, retention.Window, Programme]:
+    """The settings, the periods a retention report covers and the programme, or a clear error."""
     settings = load_settings()
-    last = _report_date(until, "--until") or dt.datetime.now(dt.UTC).date()
+    last = _report_date(until, "--until") or today
     try:
         window = retention.Window.of(last, _report_date(since, "--since"), period)
         programme = load_programme(settings.templates_dir)
@@ -717,6 +714,19 @@ def report_retention(
         raise fail(str(error)) from None
     except NurtureError as error:
         raise fail(error) from None
+    return settings, window, programme
+
+
+@report_app.command("retention")
+def report_retention(
+    since: WindowSince = None,
+    until: WindowUntil = None,
+    period: WindowPeriod = retention.Period.MONTH,
+    slipping: Annotated[int, typer.Option(min=0, help="Customers shown on the early-warning list.")] = 20,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Retention and churn per period and cohort, lifetime value, cost of retention, saves, satisfaction."""
+    settings, window, programme = _report_window(since, until, period, dt.datetime.now(dt.UTC).date())
     costs = retention.Costs.from_settings(settings, programme.rules.margin_rate)
     with database_sessions(settings) as factory, factory() as session:
         figures = retention.report(
@@ -853,28 +863,13 @@ def _amount(value: Decimal | None) -> str:
 @report_app.command("html")
 def report_html(
     out: Annotated[Path, typer.Option(help="The HTML file to write.", dir_okay=False)] = Path("report.html"),
-    since: Annotated[
-        str | None,
-        typer.Option(help="First day (YYYY-MM-DD), rounded down to its period; default 12 periods."),
-    ] = None,
-    until: Annotated[
-        str | None, typer.Option(help="Last day (YYYY-MM-DD), included; default today (UTC).")
-    ] = None,
-    period: Annotated[retention.Period, typer.Option(help="What retention is counted over.")] = (
-        retention.Period.MONTH
-    ),
+    since: WindowSince = None,
+    until: WindowUntil = None,
+    period: WindowPeriod = retention.Period.MONTH,
 ) -> None:
     """Write one self-contained HTML file with the charts: opens anywhere, without a network."""
-    settings = load_settings()
     now = dt.datetime.now(dt.UTC)
-    last = _report_date(until, "--until") or now.date()
-    try:
-        window = retention.Window.of(last, _report_date(since, "--since"), period)
-        programme = load_programme(settings.templates_dir)
-    except ValueError as error:
-        raise fail(str(error)) from None
-    except NurtureError as error:
-        raise fail(error) from None
+    settings, window, programme = _report_window(since, until, period, now.date())
     with database_sessions(settings) as factory, factory() as session:
         page = html_report.build(session, window, settings, programme, now=now)
     out.write_text(page, encoding="utf-8")
