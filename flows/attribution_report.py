@@ -24,9 +24,14 @@ class AttributionParameters(BaseModel):
 
 
 @task(cache_policy=NO_CACHE)
-def attribute(at: dt.datetime, days: int) -> AttributionReport:
-    """Credit the visits to the sends of the last ``days`` days up to ``at`` and measure each touch's lift."""
-    return report_for(load_settings(), now=at, since=at - dt.timedelta(days=days))
+def attribute(at: dt.datetime, days: int, *, before_run: bool = False) -> AttributionReport:
+    """Credit the visits to the sends of the last ``days`` days up to ``at`` and measure each touch's lift.
+
+    ``before_run``: only the sends claimed before ``at``, not those of a calendar run for that instant (its
+    claims carry the instant itself), so that the report is the same whenever during the run it is made.
+    """
+    since = at - dt.timedelta(days=days)
+    return report_for(load_settings(), now=at, since=since, until=at if before_run else None)
 
 
 def publish(report: AttributionReport) -> None:

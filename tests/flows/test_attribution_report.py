@@ -98,20 +98,27 @@ def test_the_weekly_flow_publishes_the_report_as_markdown_and_a_table(
 
 
 @pytest.mark.slow
-def test_each_calendar_run_publishes_the_attribution_report_too(
+def test_each_calendar_run_publishes_the_attribution_of_the_sends_before_it(
     settings: Settings, sessions: sessionmaker[Session], prefect_server: None
 ) -> None:
     from flows.contact_calendar import CalendarParameters, contact_calendar
 
     Business(sessions).contact(visits=[local(MADRID, 2026, 11, 22, 12, 0)])
+    keys = ("attribution-report", "attribution-lift", "contact-calendar")
 
-    state = contact_calendar(
+    first = contact_calendar(
         CalendarParameters(at=AT, touches=["welcome"], batch_size=100), return_state=True
     )
-    found = artifacts(
-        state.state_details.flow_run_id, "attribution-report", "attribution-lift", "contact-calendar"
+    later = AT + dt.timedelta(hours=1)
+    second = contact_calendar(
+        CalendarParameters(at=later, touches=["welcome"], batch_size=100), return_state=True
     )
+    found_first = artifacts(first.state_details.flow_run_id, *keys)
+    found_second = artifacts(second.state_details.flow_run_id, *keys)
 
-    assert state.result()["sent"] == 1
-    assert set(found) == {"attribution-report", "attribution-lift", "contact-calendar"}
-    assert "| welcome | 1 | 0 |" in str(found["attribution-report"].data)
+    assert first.result()["sent"] == 1 and second.result()["sent"] == 0
+    assert set(found_first) == set(found_second) == set(keys)
+    # The report is made beside the run, over the sends before it: the first run's welcome shows in the next.
+    assert "| welcome |" not in str(found_first["attribution-report"].data)
+    assert "| welcome | 1 | 0 |" in str(found_second["attribution-report"].data)
+    assert f"to {later:%Y-%m-%d}" in str(found_second["attribution-report"].data)
