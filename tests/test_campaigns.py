@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
+from channels import fake_providers
+from channels.fake_providers import Answer, Received
 from histories import NOW, Business, outbox_emails, outbox_files, outbox_sms
 from nurture import campaigns, profiles
 from nurture.campaigns import CampaignSpec, run_campaign
@@ -215,6 +217,44 @@ def test_a_cancelled_campaign_keeps_what_it_sent_and_resuming_sends_nothing_twic
     emails = outbox_emails(settings)
     assert len(emails) == 10
     assert sorted(int(m["X-Nurture-Send-Id"]) for m in emails) == sorted(s.id for s in after.values())
+
+
+def test_a_campaign_stopped_while_sendgrid_sends_records_what_went_out_and_gives_up_the_rest(
+    settings: Settings, business: Business
+) -> None:
+    ids = [business.contact(visits=LOYAL_VISITS) for _ in range(12)]
+    provider = fake_providers.sendgrid()
+    settings = settings.model_copy(
+        update=fake_providers.sendgrid_settings(provider.url).model_dump(
+            include={"email_channel", "sendgrid_api_key", "sendgrid_base_url", "email_from"}
+        )
+        | {"send_batch_size": 4, "sendgrid_concurrency": 2}
+    )
+    campaign = started(settings, spec())
+
+    with provider.running(), campaigns.open_campaign(settings, campaign, NOW) as run:
+
+        def cancelled_at_the_fifth(received: Received, before: int) -> Answer:
+            if before == 4:
+                run.stop()  # as a cancelled flow run's process does, from another thread
+            return Answer(202, headers={"X-Message-Id": f"sg-{before + 1}"}, delay=0.2)
+
+        provider.script = cancelled_at_the_fifth
+        _, ranges = run.begin(100)
+        for low, high in ranges:
+            run.send(low, high)
+        went_out = len(provider.requests)
+        # The fifth and any request in flight with it finish; no other starts.
+        assert 5 <= went_out <= 6
+        assert [s.status for s in business.sends()] == [SendStatus.SENT] * went_out
+
+        provider.script = lambda received, before: Answer(202, headers={"X-Message-Id": f"sg-{before + 1}"})
+        resumed = run_campaign(settings, campaign, NOW + dt.timedelta(minutes=10))
+
+    assert resumed.totals["sent"] == 12 - went_out
+    assert per_contact(business) == {i: [SendStatus.SENT] for i in ids}
+    recipients = [r.body["personalizations"][0]["to"][0]["email"] for r in provider.requests]
+    assert len(recipients) == 12 and len(set(recipients)) == 12
 
 
 def test_resuming_with_other_options_is_refused_naming_them(settings: Settings, business: Business) -> None:

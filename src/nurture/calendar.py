@@ -22,6 +22,7 @@ import hashlib
 import multiprocessing
 import multiprocessing.util
 import os
+import signal
 import threading
 import uuid
 from collections import Counter, defaultdict
@@ -297,6 +298,17 @@ class Calendar:
         self.run_id = run_id or uuid.uuid4().hex
         self.renderer = Renderer(programme.root, default_locale=programme.rules.default_locale)
         self.messengers = dict(messengers or {})
+        self.stopping = threading.Event()
+
+    def stop(self) -> None:
+        """Claim and send nothing more (the run is cancelled); what is in flight finishes and is recorded.
+
+        Called from another thread than the ranges': each range stops before its next batch, and each
+        channel before its next request, giving up the claims of the messages it never sent.
+        """
+        self.stopping.set()
+        for messenger in list(self.messengers.values()):
+            messenger.stop()
 
     # Before the ranges: profiles as of now, and what earlier runs left unsettled.
 
@@ -356,6 +368,8 @@ class Calendar:
     ) -> RunSummary:
         """Write the profiles of the contacts with ids in [low, high), then plan and send what is due."""
         summary = RunSummary(at=self.at, dry_run=self.dry_run)
+        if self.stopping.is_set():
+            return summary
         with sessions.begin() as session:
             summary.stages = self._profile_range(session, basis, low, high)
         with sessions.begin() as session:
@@ -489,6 +503,8 @@ class Calendar:
             return
         size = max(1, self.settings.send_batch_size)
         for start in range(0, len(held), size):
+            if self.stopping.is_set():
+                return
             chunk = held[start : start + size]
             with sessions.begin() as session:
                 got = ledger.claim(
@@ -501,6 +517,8 @@ class Calendar:
                 outcome = "held_out" if plan.key in got else "taken_by_other_run"
                 summary.count(plan.due.touch.name, outcome)
         for start in range(0, len(rendered), size):
+            if self.stopping.is_set():
+                return
             self._send_chunk(sessions, rendered[start : start + size], summary)
 
     def _send_chunk(
@@ -524,10 +542,16 @@ class Calendar:
                 continue
             by_channel[plan.channel].append((plan, message.outgoing(send_id, plan)))
         outcomes: list[ledger.Outcome] = []
+        untried: list[int] = []
         revoked: dict[str, set[tuple[int, Channel]]] = defaultdict(set)
         for channel, items in by_channel.items():
             deliveries = self._messenger(channel).push([message for _, message in items])
             for (plan, _), delivery in zip(items, deliveries, strict=True):
+                if delivery.status is SendStatus.CLAIMED:
+                    # Stopped before it was sent: a fresh claim is given up; a resumed one stays, as it was.
+                    if not plan.resume:
+                        untried.append(delivery.send_id)
+                    continue
                 outcomes.append(_outcome(delivery))
                 if delivery.revoke_consent:
                     revoked[delivery.revoke_consent].add((plan.recipient.id, channel))
@@ -545,6 +569,7 @@ class Calendar:
                     summary.errors.append(f"{plan.due.touch.name} to contact {who} failed: {delivery.error}")
         with sessions.begin() as session:
             ledger.record(session, outcomes, at=self.at)
+            ledger.unclaim(session, untried)
             for source, pairs in revoked.items():
                 consent.revoke(session, pairs, at=self.at, source=source)
 
@@ -570,6 +595,8 @@ class Calendar:
     def _messenger(self, channel: Channel) -> Messenger:
         if channel not in self.messengers:
             self.messengers[channel] = messenger_for(channel, self.settings)
+            if self.stopping.is_set():
+                self.messengers[channel].stop()
         return self.messengers[channel]
 
     def close(self) -> None:
@@ -1174,6 +1201,9 @@ class Run:
     one per CPU core by default), each with its own calendar and database connection: planning and
     rendering are CPU-bound Python, and a process is the only way onto a second core. The ledger keeps
     them apart as it keeps concurrent runs apart. ``send`` may be called from several threads at once.
+
+    Closed while ranges are still sending (the flow run was cancelled), it stops them first: every range,
+    in this process or a worker, stops before its next batch and request and records what went out.
     """
 
     def __init__(self, request: RunRequest) -> None:
@@ -1186,6 +1216,7 @@ class Run:
         self._one_at_a_time = threading.Lock()
         self.processes = 1
         self.basis: profiles.Basis | None = None
+        self._stop_workers: Any = None  # a multiprocessing Event, made with the workers
 
     def begin(self, batch_size: int) -> tuple[RunSummary, list[tuple[int, int]]]:
         """Sum up what changed in the history, settle earlier runs' loose ends, give the ranges to send."""
@@ -1207,6 +1238,8 @@ class Run:
         """Plan and send what is due to the contacts with ids in [low, high), in a worker if there are any."""
         if self.basis is None:
             raise RuntimeError("begin the run before sending its ranges")
+        if self.calendar.stopping.is_set():
+            return RunSummary(at=self.calendar.at, dry_run=self.calendar.dry_run)
         if self.processes == 1:
             # One range at a time, even when the flow's threads ask for several at once.
             with self._one_at_a_time:
@@ -1218,31 +1251,54 @@ class Run:
             if self._pool is None:
                 # Each worker sends with its share of the providers' rates: together, the configured ones.
                 request = replace(self.request, settings=shared_by(self.request.settings, self.processes))
+                context = multiprocessing.get_context("spawn")
+                self._stop_workers = context.Event()
+                if self.calendar.stopping.is_set():
+                    self._stop_workers.set()
                 # spawn, not fork: the run's own process has threads (Prefect's, the pool's) and open
                 # connections that a forked child must not inherit.
                 self._pool = ProcessPoolExecutor(
                     self.processes,
-                    mp_context=multiprocessing.get_context("spawn"),
+                    mp_context=context,
                     initializer=_start_worker,
-                    initargs=(request,),
+                    initargs=(request, self._stop_workers),
                 )
             return self._pool
 
+    def stop(self) -> None:
+        """Send nothing more, here and in the workers; what is in flight finishes and is recorded."""
+        self.calendar.stop()
+        with self._pool_lock:
+            if self._stop_workers is not None:
+                self._stop_workers.set()
+
     def close(self) -> None:
-        """Stop the workers, close the channels and the database."""
+        """Stop what still sends and wait for it; stop the workers, close the channels and the database."""
+        self.stop()
         if self._pool is not None:
-            self._pool.shutdown()
-        self.calendar.close()
+            self._pool.shutdown(cancel_futures=True)
+        with self._one_at_a_time:
+            self.calendar.close()
         self.engine.dispose()
 
 
 _worker: Run | None = None
 
 
-def _start_worker(request: RunRequest) -> None:
+def _start_worker(request: RunRequest, stopping: Any) -> None:
     global _worker
     _worker = Run(request)
     multiprocessing.util.Finalize(_worker, _worker.close, exitpriority=10)
+    threading.Thread(target=_stop_when, args=(stopping, _worker), name="stop", daemon=True).start()
+    # A cancelled flow run's process group is sent SIGTERM: a worker stops, records what went out and
+    # leaves when the run closes its pool, instead of dying with claims whose outcome nobody knows.
+    signal.signal(signal.SIGTERM, lambda signum, frame: stopping.set())
+
+
+def _stop_when(stopping: Any, worker: Run) -> None:
+    """Stop the worker's calendar when the run that started the worker is stopped."""
+    stopping.wait()
+    worker.calendar.stop()
 
 
 def _ready() -> None:

@@ -3,7 +3,8 @@
 The key names one message: (touch, contact, occurrence). Its uniqueness in the database is what makes a
 second send impossible, whatever crashes or runs concurrently: a claim inserts the key or finds it taken,
 in one statement. The channel is called only for keys this run claimed; the outcome is recorded after.
-A run killed between the two leaves ``claimed`` rows, which the next run settles (see ``calendar``).
+A run killed between the two leaves ``claimed`` rows, which the next run settles (see ``calendar``); a
+run stopped (cancelled) gives up the claims whose message it never handed to a provider (``unclaim``).
 
 A send whose outcome nobody knows (``unknown``) waits for a person: ``confirm_sent`` records that it went
 out, ``release`` lets the next run try it once more (``nurture sends reconcile``).
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import CursorResult, String, bindparam, cast, func, literal, select, update
+from sqlalchemy import CursorResult, String, bindparam, cast, delete, func, literal, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -137,6 +138,12 @@ def record(session: Session, outcomes: Iterable[Outcome], *, at: dt.datetime) ->
         )
     )
     session.connection().execute(statement, rows)
+
+
+def unclaim(session: Session, ids: Collection[int]) -> None:
+    """Give up claims whose message no provider was asked for, so that a later run claims and sends it."""
+    if ids:
+        session.execute(delete(Send).where(Send.id.in_(list(ids)), Send.status == SendStatus.CLAIMED))
 
 
 def existing(session: Session, keys: Collection[str]) -> dict[str, Existing]:

@@ -63,7 +63,8 @@ class Delivery:
     """What became of one pushed message: sent (with the provider's id), failed, or unknown.
 
     ``UNKNOWN`` means the provider may have the message (a timeout after the request went out); the
-    calendar records it and never resends it by itself.
+    calendar records it and never resends it by itself. ``CLAIMED`` means the provider was never asked
+    for it (the messenger was stopped first): the calendar gives its claim up, for a later run to send.
     """
 
     send_id: int
@@ -87,6 +88,13 @@ class Messenger(Protocol):
 
     def push(self, messages: Sequence[OutgoingMessage]) -> list[Delivery]:
         """Send a batch; one ``Delivery`` per message, in order; a message's own problem is ``FAILED``."""
+        ...
+
+    def stop(self) -> None:
+        """Send no more (the run is cancelled): finish what is in flight, answer ``CLAIMED`` for the rest.
+
+        Called from another thread while ``push`` runs. A channel that writes quickly may finish its batch.
+        """
         ...
 
     def close(self) -> None:

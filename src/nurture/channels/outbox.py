@@ -78,6 +78,9 @@ class _Outbox:
                 deliveries.append(Delivery(message.send_id, SendStatus.SENT, provider_message_id=file_name))
         return deliveries
 
+    def stop(self) -> None:
+        """Do nothing: a batch of files is written in moments, and writing one again overwrites it."""
+
     def close(self) -> None:
         """Release the outbox folder."""
         if self._folder >= 0:

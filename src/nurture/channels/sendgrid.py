@@ -291,6 +291,10 @@ class SendGridMessenger:
             message.send_id, SendStatus.SENT, provider_message_id=response.headers.get("X-Message-Id")
         )
 
+    def stop(self) -> None:
+        """Start no more requests; the ones in flight finish (see ``Sender.stop``)."""
+        self._sender.stop()
+
     def close(self) -> None:
         """Finish the requests in flight and close the connections."""
         self._sender.close()

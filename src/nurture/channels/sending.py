@@ -12,6 +12,9 @@ Every attempt, retries included, first takes its share of the provider's rate fr
 shared by the sender's threads: one unit per email, one per SMS segment. Processes sending for one run at
 once each hold their share of the rate, the concurrency and the retry budget (``shared_by``), so that the
 configured figures hold for the whole run.
+
+``stop`` (a cancelled run) lets the requests in flight finish and starts no more: each message not yet
+tried comes back ``CLAIMED``, never sent, so that the calendar gives its claim up.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from nurture.settings import Settings
 __all__ = ["RateLimiter", "Retry", "RetryBudget", "Sender", "retry_after", "shared_by"]
 
 log = logging.getLogger(__name__)
+NOT_SENT = "not sent: the run was stopped before this message was tried"
 
 Attempt = Callable[[OutgoingMessage], Delivery]
 
@@ -158,6 +162,7 @@ class Sender:
         self._sleep = sleep
         self._random = random.Random()
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix=f"nurture-{provider}")
+        self._stopping = threading.Event()
 
     def push(
         self,
@@ -172,6 +177,9 @@ class Sender:
         tries = 0
         while True:
             self.limiter.acquire(units)
+            if self._stopping.is_set():
+                # Never tried, or certainly not taken by the provider (only such an attempt is retried).
+                return Delivery(message.send_id, SendStatus.CLAIMED, error=NOT_SENT)
             tries += 1
             try:
                 return attempt(message)
@@ -210,6 +218,10 @@ class Sender:
         """Give the wait before retry number ``tries``: exponential, capped, half of it random."""
         ceiling = min(self._backoff_max, self._backoff * 2.0 ** (tries - 1))
         return ceiling / 2 + self._random.uniform(0, ceiling / 2)
+
+    def stop(self) -> None:
+        """Start no more requests: messages not yet tried come back ``CLAIMED``; those in flight finish."""
+        self._stopping.set()
 
     def close(self) -> None:
         """Wait for requests in flight and stop the threads."""

@@ -134,6 +134,10 @@ class TwilioMessenger:
             return Delivery(message.send_id, SendStatus.UNKNOWN, error=said)
         return Delivery(message.send_id, SendStatus.SENT, provider_message_id=created.sid)
 
+    def stop(self) -> None:
+        """Start no more requests; the ones in flight finish (see ``Sender.stop``)."""
+        self._sender.stop()
+
     def close(self) -> None:
         """Finish the requests in flight."""
         self._sender.close()
