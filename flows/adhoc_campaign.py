@@ -149,10 +149,12 @@ def adhoc_campaign(parameters: CampaignParameters) -> dict[str, Any]:
     result["next_run"] = follow_up.isoformat() if follow_up else None
     if follow_up is not None and runtime.deployment.id:
         # Deployed: the campaign schedules its own next run; triggered twice, the ledger still sends once.
+        # Named now, not when it starts, so that `nurture campaign cancel` finds it while it waits.
         run_deployment(
             runtime.deployment.id,
             parameters={"parameters": parameters.model_dump(mode="json", exclude={"at"})},
             scheduled_time=follow_up,
+            flow_run_name=spec.name,
             timeout=0,
             as_subflow=False,
         )
