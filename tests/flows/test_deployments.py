@@ -10,6 +10,7 @@ ranges go to the pool's workers, runs with nurture's database and the Prefect se
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import json
 import os
 import re
@@ -19,8 +20,10 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -29,11 +32,14 @@ import pytest
 from sqlalchemy import make_url, text
 from sqlalchemy.orm import Session, sessionmaker
 
+from channels.fake_providers import Answer, FakeProvider, Received, sendgrid
 from histories import Business, local, outbox_emails
 from nurture import db
+from nurture.models import SendStatus
 from nurture.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
+DAY = dt.timedelta(days=1)
 POSTGRES_URL = os.environ.get("NURTURE_TEST_DATABASE_URL")
 BIN = Path(sys.executable).parent
 MADRID = "Europe/Madrid"
@@ -334,3 +340,166 @@ def test_a_calendar_run_hands_its_ranges_to_the_workers_of_the_pool(
     assert len(outbox_emails(settings)) == 250, stack.tails()
     sends = business.sends()
     assert len(sends) == 250 and len({send.contact_id for send in sends}) == 250
+
+
+# Ad-hoc campaigns as ops run them on a worker: approved or rejected as the Prefect UI does, cancelled
+# while sending, resumed.
+
+
+def wait_for_state(stack: PrefectStack, flow_run_id: str, state_type: str, timeout: float = 180) -> Any:
+    """Wait until a flow run reaches ``state_type``; give it as the API does."""
+    deadline = time.monotonic() + timeout
+    while True:
+        run = stack.api(f"flow_runs/{flow_run_id}")
+        if run["state_type"] == state_type:
+            return run
+        if (
+            run["state_type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
+            or time.monotonic() > deadline
+        ):
+            pytest.fail(f"flow run {flow_run_id} is {run['state_type']}, not {state_type}\n{stack.tails()}")
+        time.sleep(0.5)
+
+
+def start_campaign(stack: PrefectStack, **parameters: Any) -> str:
+    """Trigger the adhoc-campaign deployment as ops do; give the flow run's id."""
+    asked = json.dumps({"parameters": {"touch": "promotion", "segment": "loyal", **parameters}})
+    out = stack.cli("deployment", "run", "adhoc-campaign/on-demand", "--params", asked)
+    created = re.search(r"UUID: ([0-9a-f-]{36})", out)
+    assert created, out
+    return created[1]
+
+
+def answer_as_the_ui(stack: PrefectStack, flow_run_id: str, approve: bool) -> str:
+    """Resume a paused campaign with the input the Prefect UI's form sends; give what the form showed."""
+    paused = wait_for_state(stack, flow_run_id, "PAUSED")
+    keyset = paused["state"]["state_details"]["run_input_keyset"]
+    # The flow run saves the form just after it pauses; the UI shows it once it is there.
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            description = stack.api(f"flow_runs/{flow_run_id}/input/{keyset['description']}")
+            schema = stack.api(f"flow_runs/{flow_run_id}/input/{keyset['schema']}")
+            break
+        except urllib.error.HTTPError as error:
+            if error.code != 404 or time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+    assert "approve" in schema["properties"], schema
+    stack.api_post(f"flow_runs/{flow_run_id}/resume", {"run_input": {"approve": approve}})
+    return str(description)
+
+
+def nurture(stack: PrefectStack, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run one ``nurture`` command against the stack's Prefect server."""
+    command = [str(BIN / "nurture"), *args]
+    return subprocess.run(command, env=stack.env, capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture
+def slow_sendgrid() -> Iterator[FakeProvider]:
+    """SendGrid taking half a second over each email: a campaign is still sending when ops cancel it."""
+    provider = sendgrid()
+
+    def slowly(received: Received, before: int) -> Answer:
+        return Answer(202, headers={"X-Message-Id": f"sg-{before + 1}"}, delay=0.5)
+
+    provider.script = slowly
+    with provider.running():
+        yield provider
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_a_campaign_approved_in_the_ui_and_cancelled_while_sending_sends_the_rest_once_when_resumed(
+    stack: PrefectStack, checkout: Path, sessions: sessionmaker[Session], slow_sendgrid: FakeProvider
+) -> None:
+    business = Business(sessions)
+    for _ in range(200):
+        business.contact(visits=[AT - DAY * d for d in (100, 70, 40, 10)])
+    stack.env.update(
+        NURTURE_EMAIL_CHANNEL="sendgrid",
+        NURTURE_SENDGRID_API_KEY="SG.test-key",
+        NURTURE_SENDGRID_BASE_URL=slow_sendgrid.url,
+        NURTURE_EMAIL_FROM="Luma Studio <hola@luma.example>",
+        NURTURE_SENDGRID_CONCURRENCY="4",
+        NURTURE_SEND_BATCH_SIZE="10",
+        NURTURE_CAMPAIGN_APPROVAL_SIZE="50",
+    )
+    deploy(stack, checkout)
+    asked = {"at": AT.isoformat(), "dry_run": False, "batch_size": 100}
+
+    # Rejected in the UI: nothing goes out.
+    rejected = start_campaign(stack, campaign="spring-vip", **asked)
+    shown = answer_as_the_ui(stack, rejected, approve=False)
+    assert "Segment **loyal**: **200** contacts" in shown and "would go out | 200" in shown
+    assert stack.wait_for(rejected)["state_type"] == "COMPLETED", stack.tails()
+    assert business.sends() == [] and slow_sendgrid.requests == []
+
+    # Approved in the UI, then cancelled by ops while it sends.
+    winter = start_campaign(stack, campaign="winter-vip", **asked)
+    answer_as_the_ui(stack, winter, approve=True)
+    deadline = time.monotonic() + 120
+    while len(slow_sendgrid.requests) < 20:
+        assert time.monotonic() < deadline, stack.tails()
+        time.sleep(0.2)
+    cancel = nurture(stack, "campaign", "cancel", "winter-vip")
+    assert cancel.returncode == 0, cancel.stdout + cancel.stderr
+    assert stack.wait_for(winter)["state_type"] == "CANCELLED", stack.tails()
+
+    # Stopped: what went out is recorded as sent, nothing is left claimed, nothing more goes out.
+    went_out = len(slow_sendgrid.requests)
+    time.sleep(3)
+    assert len(slow_sendgrid.requests) == went_out, "the cancelled campaign went on sending"
+    sends = business.sends()
+    assert 20 <= went_out < 200, went_out
+    statuses = Counter(send.status for send in sends)
+    assert statuses == {SendStatus.SENT: went_out}, f"{statuses}\n{stack.tails()}"
+
+    # Resumed: the rest, once each, without asking again.
+    resumed = start_campaign(stack, campaign="winter-vip", **asked)
+    assert stack.wait_for(resumed, timeout=240)["state_type"] == "COMPLETED", stack.tails()
+    sends = business.sends()
+    recipients = [request.body["personalizations"][0]["to"][0]["email"] for request in slow_sendgrid.requests]
+    assert len(recipients) == 200 and len(set(recipients)) == 200
+    assert len(sends) == 200 and {send.status for send in sends} == {SendStatus.SENT}
+    assert {send.campaign for send in sends} == {"winter-vip"}
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_a_loyalty_first_campaigns_second_wave_runs_on_a_worker_at_its_time_for_everyone_else(
+    stack: PrefectStack, checkout: Path, settings: Settings, sessions: sessionmaker[Session]
+) -> None:
+    today = dt.datetime.now(dt.UTC)
+    # Where it is about noon: inside the send window now and an hour ago, whenever the test runs.
+    offset = 12 - today.hour
+    zone = "Etc/UTC" if offset == 0 else f"Etc/GMT{-offset:+d}"
+    business = Business(sessions)
+    visits = [today - DAY * d for d in (100, 70, 40, 10)]
+    loyal = [business.contact(timezone=zone, visits=visits) for _ in range(2)]
+    others = [business.contact(timezone=zone, visits=visits[2:]) for _ in range(2)]
+    deploy(stack, checkout)
+
+    # Loyal customers first, with an hour of early access that began just under an hour ago.
+    second_wave = dt.datetime.now(dt.UTC).replace(microsecond=0) + dt.timedelta(seconds=40)
+    began = second_wave - dt.timedelta(hours=1)
+    asked = {"segment": "active", "campaign": "early", "loyalty_first_hours": 1, "dry_run": False}
+    first = start_campaign(stack, at=began.isoformat(), **asked)
+    assert stack.wait_for(first)["state_type"] == "COMPLETED", stack.tails()
+    first_wave = [send for send in business.sends() if send.claimed_at < second_wave]
+    assert sorted(send.contact_id for send in first_wave) == loyal
+
+    # The first run scheduled the second wave, under the campaign's name (`nurture campaign cancel` finds
+    # it); the worker starts it at its time (no scheduler here).
+    runs = stack.api_post("flow_runs/filter", {"flows": {"name": {"any_": ["adhoc-campaign"]}}})
+    [wave] = [run for run in runs if run["id"] != first]
+    assert wave["name"] == "early"
+    assert dt.datetime.fromisoformat(wave["expected_start_time"]) == second_wave
+    # Without the first run's instant: it runs as of when it starts.
+    assert "at" not in wave["parameters"]["parameters"]
+    ran = stack.wait_for(wave["id"], timeout=240)
+    assert ran["state_type"] == "COMPLETED", stack.tails()
+    assert dt.datetime.fromisoformat(ran["start_time"]) >= second_wave
+    sends = business.sends()
+    assert sorted(send.contact_id for send in sends) == loyal + others
+    assert all(send.claimed_at >= second_wave for send in sends if send.contact_id in others)
+    assert len(outbox_emails(settings)) == 4
