@@ -12,7 +12,19 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, Engine, create_engine, event, text
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Select,
+    Table,
+    create_engine,
+    event,
+    func,
+    insert,
+    select,
+    text,
+    true,
+)
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.compiler import compiles
@@ -219,6 +231,29 @@ def insert_new(session: Session, table: Any, *, unique: Sequence[str]) -> Any:
     return make(table).on_conflict_do_nothing(index_elements=list(unique))
 
 
+def insert_summed(
+    session: Session, table: Table, rows: Select[*tuple[Any, ...]], keys: Sequence[str]
+) -> None:
+    """Insert ``rows`` into ``table`` added up per ``keys``: one row per key, each other column summed.
+
+    ``rows`` selects the table's columns by name, none of the summed ones NULL. PostgreSQL groups by hashing.
+    SQLite groups by sorting every row first; adding each row to its key's row as it comes instead (an upsert
+    on the table's primary key, ``keys``) takes half the time, and reads only pages in cache when the rows
+    come in key order.
+    """
+    names = [column.name for column in rows.selected_columns]
+    if session.get_bind().dialect.name != "sqlite":
+        each = rows.subquery()
+        summed = select(
+            *(each.c[name] if name in keys else func.sum(each.c[name]).label(name) for name in names)
+        ).group_by(*(each.c[key] for key in keys))
+        session.execute(insert(table).from_select(names, summed))
+        return
+    statement = sqlite_insert(table).from_select(names, rows.where(true()))
+    added = {name: table.c[name] + statement.excluded[name] for name in names if name not in keys}
+    session.execute(statement.on_conflict_do_update(index_elements=list(keys), set_=added))
+
+
 class month_number(FunctionElement[int]):
     """Months since the year 0 of a stored instant's UTC date (year x 12 + month - 1), on every dialect."""
 
@@ -242,14 +277,17 @@ def _month_number_postgresql(element: month_number, compiler: SQLCompiler, **kw:
     )
 
 
-class unindexed(FunctionElement[dt.datetime]):
-    """A stored instant that SQLite must not look up by its own index in this comparison.
+class unindexed(FunctionElement[Any]):
+    """A column that SQLite must not look up by an index in this comparison; of the column's own type.
 
     SQLite's documented way is a unary ``+``, which leaves the value as it is; PostgreSQL plans by itself.
     """
 
-    type = UTCDateTime()
     inherit_cache = True
+
+    def __init__(self, column: Any) -> None:
+        super().__init__(column)
+        self.type = column.type
 
 
 @compiles(unindexed, "sqlite")
