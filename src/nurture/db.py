@@ -15,6 +15,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import (
     Connection,
     Engine,
+    Row,
     Select,
     Table,
     create_engine,
@@ -243,15 +244,32 @@ def insert_summed(
     """
     names = [column.name for column in rows.selected_columns]
     if session.get_bind().dialect.name != "sqlite":
-        each = rows.subquery()
-        summed = select(
-            *(each.c[name] if name in keys else func.sum(each.c[name]).label(name) for name in names)
-        ).group_by(*(each.c[key] for key in keys))
-        session.execute(insert(table).from_select(names, summed))
+        session.execute(insert(table).from_select(names, _grouped(rows, keys)))
         return
     statement = sqlite_insert(table).from_select(names, rows.where(true()))
     added = {name: table.c[name] + statement.excluded[name] for name in names if name not in keys}
     session.execute(statement.on_conflict_do_update(index_elements=list(keys), set_=added))
+
+
+def summed(
+    session: Session, rows: Select[*tuple[Any, ...]], keys: Sequence[str], scratch: Table
+) -> Sequence[Row[*tuple[Any, ...]]]:
+    """``rows`` added up per ``keys``, as ``insert_summed`` adds them, for a few keys.
+
+    On SQLite through ``scratch``, an empty table of the same columns keyed by ``keys``. PostgreSQL selects
+    them directly: an INSERT would keep it from reading the rows with parallel workers.
+    """
+    if session.get_bind().dialect.name != "sqlite":
+        return session.execute(_grouped(rows, keys)).all()
+    insert_summed(session, scratch, rows, keys)
+    return session.execute(select(scratch)).all()
+
+
+def _grouped(rows: Select[*tuple[Any, ...]], keys: Sequence[str]) -> Select[*tuple[Any, ...]]:
+    each = rows.subquery()
+    return select(
+        *(column if column.name in keys else func.sum(column).label(column.name) for column in each.c)
+    ).group_by(*(each.c[key] for key in keys))
 
 
 class month_number(FunctionElement[int]):

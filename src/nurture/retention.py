@@ -622,10 +622,11 @@ def _sends(
         .outerjoin(p, and_(p.contact_id == Send.contact_id, Send.incentive.is_not(None)))
         .where(_sent_in(window))
     )
-    db.insert_summed(session, _SENT, sends, keys=["period", "channel", "currency"])
     return [
         _Sent(index, Channel(channel) if channel else None, code, count, segments, _money_value(amount))
-        for index, channel, code, count, segments, amount in session.execute(select(_SENT))
+        for index, channel, code, count, segments, amount in db.summed(
+            session, sends, keys=["period", "channel", "currency"], scratch=_SENT
+        )
     ]
 
 
