@@ -552,36 +552,37 @@ def _visits_after(
     parameters = bounds.params()
     touch_seconds = _touch_window_sql(windows, parameters)
     send_seconds = _send_window_sql(windows, parameters)
-    larger = "max" if dialect == "sqlite" else "GREATEST"
-    # SQLite: a unary + keeps the planner off the time index, whose row lookups cost more than a scan.
-    plus = "+" if dialect == "sqlite" else ""
+    reach = f"{'max' if dialect == 'sqlite' else 'GREATEST'}(e.touch_seconds, e.send_seconds)"
     longest = max([windows.email_days, windows.sms_days, *windows.by_touch.values()])
     parameters["visits_until"] = min(bounds.until or bounds.now, bounds.now) + dt.timedelta(days=longest)
-    after = f"AND {plus}occurred_at > :since" if bounds.since is not None else ""
+    # SQLite: the sends in the visits' order, from the index led by the contact (whatever the period), and
+    # each probe bounded by whole days, cheap to work out; the exact end (a unary + keeps it off the index)
+    # is worked out for the few visits that fall within those days.
+    if dialect == "sqlite":
+        indexed, plus = "INDEXED BY ix_sends_attribution", "+"
+        days = f"AND v.occurred_at < date(e.at, '+{math.ceil(longest) + 1} days')"
+    else:
+        indexed = plus = days = ""
+    after = f"AND {plus}v.occurred_at > :since" if bounds.since is not None else ""
+    sends = f"""
+        SELECT id, contact_id, touch, campaign, status, incentive, {_AT} AS at,
+               {_closed_sql(windows, bounds, parameters)} AS closed,
+               {touch_seconds} AS touch_seconds,
+               CASE WHEN status = 'sent' THEN {send_seconds} ELSE 0 END AS send_seconds
+        FROM sends {indexed}
+        WHERE status IN ('sent', 'held_out') AND {_AT} IS NOT NULL AND {bounds.where("claimed_at")}
+    """
     sql = f"""
-        WITH e AS (
-            SELECT id, contact_id, touch, campaign, status, incentive, {_AT} AS at,
-                   {_closed_sql(windows, bounds, parameters)} AS closed,
-                   {touch_seconds} AS touch_seconds,
-                   CASE WHEN status = 'sent' THEN {send_seconds} ELSE 0 END AS send_seconds
-            FROM sends
-            WHERE status IN ('sent', 'held_out') AND {_AT} IS NOT NULL AND {bounds.where("claimed_at")}
-        ),
-        reach AS (
-            SELECT e.*, {larger}(touch_seconds, send_seconds) AS seconds FROM e
-        ),
-        -- The visits any window of the period can hold, read in one pass: far cheaper than looking up each
-        -- send's contact in the visits index when a period holds many sends.
-        visits_in AS MATERIALIZED (
-            SELECT id, contact_id, occurred_at, amount, currency FROM visits
-            WHERE {plus}occurred_at <= :visits_until {after}
-        ),
-        pairs AS (
-            SELECT r.id AS send_id, r.touch, r.campaign, r.status, r.incentive, r.at, r.closed,
-                   r.touch_seconds, r.send_seconds, v.id AS visit_id, v.occurred_at, v.amount, v.currency
-            FROM reach r CROSS JOIN visits_in v
-            WHERE v.contact_id = r.contact_id AND v.occurred_at > r.at
-              AND v.occurred_at <= {_window_end(dialect, "r.at", "r.seconds")}
+        WITH e AS ({sends}),
+        -- Each send's contact's visits in its longest window, read from the visits' covering index by
+        -- (contact, instant): SQLite is made to probe it per send (CROSS JOIN keeps the sends outside).
+        pairs AS MATERIALIZED (
+            SELECT e.id AS send_id, e.touch, e.campaign, e.status, e.incentive, e.at, e.closed,
+                   e.touch_seconds, e.send_seconds, v.id AS visit_id, v.occurred_at, v.amount, v.currency
+            FROM e CROSS JOIN visits v
+            WHERE v.contact_id = e.contact_id AND v.occurred_at > e.at {days}
+              AND {plus}v.occurred_at <= {_window_end(dialect, "e.at", reach)}
+              AND {plus}v.occurred_at <= :visits_until {after}
         ),
         hits AS (
             SELECT send_id, touch, campaign, status, currency, COUNT(*) AS visits, SUM(amount) AS revenue
@@ -606,10 +607,6 @@ def _visits_after(
         influenced_in_campaign AS (
             SELECT DISTINCT touch, campaign, visit_id, amount, currency FROM ranked WHERE campaign IS NOT NULL
         )
-        SELECT 'sends', touch, campaign, status, CAST(NULL AS VARCHAR(3)), COUNT(*), SUM(closed),
-               CAST(NULL AS NUMERIC), CAST(NULL AS NUMERIC)
-        FROM e GROUP BY touch, campaign, status
-        UNION ALL
         SELECT 'converted', touch, campaign, status, NULL, COUNT(DISTINCT send_id), NULL, NULL, NULL
         FROM hits GROUP BY touch, campaign, status
         UNION ALL
@@ -630,12 +627,15 @@ def _visits_after(
         SELECT 'influenced', touch, campaign, NULL, currency, COUNT(*), SUM(amount), NULL, NULL
         FROM influenced_in_campaign GROUP BY touch, campaign, currency
     """
+    counted = f"""
+        SELECT 'sends', touch, campaign, status, NULL, COUNT(*), SUM(closed), NULL, NULL
+        FROM ({sends}) AS e GROUP BY touch, campaign, status
+    """
     exposures: dict[tuple[str, str | None], dict[str, _Counts]] = defaultdict(dict)
     outcomes: dict[tuple[str, str | None], _Outcomes] = defaultdict(_Outcomes)
     credits = _Credits()
-    for kind, touch, campaign, status, currency, n, first, second, third in session.execute(
-        _bind(sql, parameters)
-    ):
+    rows = [*session.execute(_bind(counted, parameters)), *session.execute(_bind(sql, parameters))]
+    for kind, touch, campaign, status, currency, n, first, second, third in rows:
         if kind == "sends":
             for key in {(touch, None), (touch, campaign)}:
                 counts = exposures[key].setdefault(status, _Counts())

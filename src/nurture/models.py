@@ -367,16 +367,16 @@ class Send(Base):
         Index("ix_sends_touch_status", "touch", "status"),
         Index("ix_sends_status", "status"),
         Index("ix_sends_provider_message_id", "provider_message_id"),
-        # Covering what attribution reads of the sends of a period, which it picks by claim time.
+        # Covering what attribution reads of the sends of a period, in the order of the visits' index.
         Index(
             "ix_sends_attribution",
+            "contact_id",
             "claimed_at",
             "status",
             "touch",
             "campaign",
             "channel",
             "sent_at",
-            "contact_id",
             "incentive",
         ),
     )
