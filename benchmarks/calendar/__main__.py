@@ -433,10 +433,13 @@ def describe(path: Path) -> dict[str, int]:
 
 
 class PeakMemory:
-    """Sample the resident memory of a process and all its descendants, summed; keep the highest.
+    """Sample the memory of a process and all its descendants, summed; keep the highest of each measure.
 
     A run spreads its ranges over worker processes, so one process's own peak (``ru_maxrss``) would
-    understate it. Summing resident sets counts pages the processes share twice: an upper bound.
+    understate it. Two sums: of resident sets, which counts the pages the processes share (the interpreter,
+    the libraries, the pages a spawned worker maps from the same files) once per process, an upper bound;
+    and of proportional sets (PSS), which splits each shared page between the processes sharing it: what
+    the run occupies. ``at_peak`` gives each process's PSS at the moment of the highest PSS sum.
     """
 
     def __init__(self, pid: int, every: float = 0.1) -> None:
@@ -445,6 +448,8 @@ class PeakMemory:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self.mib = 0.0
+        self.pss_mib = 0.0
+        self.at_peak: list[tuple[str, float]] = []
 
     def __enter__(self) -> PeakMemory:
         self._thread.start()
@@ -456,13 +461,36 @@ class PeakMemory:
 
     def _sample(self) -> None:
         while not self._stop.is_set():
-            total = 0
+            rss, pss, each = 0, 0, []
             with contextlib.suppress(psutil.Error):
                 for process in [self._root, *self._root.children(recursive=True)]:
                     with contextlib.suppress(psutil.Error):
-                        total += process.memory_info().rss
-            self.mib = max(self.mib, total / 2**20)
+                        memory = process.memory_full_info()
+                        rss += memory.rss
+                        pss += memory.pss
+                        each.append((_role(process), memory.pss / 2**20))
+            self.mib = max(self.mib, rss / 2**20)
+            if pss / 2**20 > self.pss_mib:
+                self.pss_mib, self.at_peak = pss / 2**20, each
             self._stop.wait(self._every)
+
+    def report(self) -> str:
+        """Both peaks, and what each process held at the higher PSS sum."""
+        each = ", ".join(f"{role} {mib:,.0f}" for role, mib in sorted(self.at_peak, key=lambda p: -p[1]))
+        return (
+            f"{self.pss_mib:,.0f} MiB proportional (PSS; {each}); {self.mib:,.0f} MiB resident sets summed,"
+            " shared pages counted in every process"
+        )
+
+
+def _role(process: psutil.Process) -> str:
+    """A short name for one of the run's processes."""
+    command = " ".join(process.cmdline())
+    if "spawn_main" in command:
+        return "worker"
+    if "uvicorn" in command or "prefect server" in command:
+        return "Prefect server"
+    return "run"
 
 
 @contextlib.contextmanager
@@ -538,7 +566,6 @@ def run(contacts: int, batch_size: int, api_url: str | None = None) -> None:
     wall = time.perf_counter() - started
     if child.returncode != 0:
         raise SystemExit(f"the calendar run failed:\n{stderr[-4000:]}")
-    peak_mib = peak.mib
     summary = json.loads(stdout)
     files = sum(1 for path in outbox.rglob("*") if path.is_file())
     handled = summary["sent"] + summary["held_out"]
@@ -549,7 +576,7 @@ def run(contacts: int, batch_size: int, api_url: str | None = None) -> None:
     server = "a Prefect server already running" if api_url else "Prefect's temporary server started"
     print(f"  wall time: {wall:.1f} s (the flow, with {server}, profile refresh included)")
     print(f"  messages sent or held out per second, whole run: {handled / wall:,.0f}")
-    print(f"  peak memory of the run, all its processes together: {peak_mib:,.0f} MiB")
+    print(f"  peak memory of the run, all its processes together: {peak.report()}")
 
 
 def run_in_process(contacts: int, batch_size: int) -> None:
@@ -568,10 +595,9 @@ def run_in_process(contacts: int, batch_size: int) -> None:
         summary = calendar.run_calendar(settings, AT, batch_size=batch_size)
     wall = time.perf_counter() - started
     totals = summary.as_dict()
-    peak_mib = peak.mib
     print(f"calendar run in this process, without Prefect, over {contacts:,} contacts:")
     print(f"  planned: {totals['planned']:,}, sent: {totals['sent']:,}, held_out: {totals['held_out']:,}")
-    print(f"  wall time: {wall:.1f} s, peak memory of this process and its workers: {peak_mib:,.0f} MiB")
+    print(f"  wall time: {wall:.1f} s; peak memory of this process and its workers: {peak.report()}")
 
 
 def main() -> None:
