@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import time
 from typing import Any
 
 from prefect import flow, runtime, task
@@ -18,6 +19,9 @@ from nurture.calendar import Run, RunSummary
 from nurture.campaigns import CampaignSpec, CampaignSummary
 from nurture.models import Channel
 from nurture.settings import Settings, load_settings
+
+# A run started this much ahead of its time at most waits for it (workers prefetch 10 s by default).
+MAX_EARLY_SECONDS = 60.0
 
 
 class CampaignParameters(BaseModel):
@@ -115,6 +119,8 @@ def _name(parameters: dict[str, Any]) -> str:
 def adhoc_campaign(parameters: CampaignParameters) -> dict[str, Any]:
     """Send one touch to a segment exactly once: dry run, approval when large, waves, resumable."""
     settings = load_settings()
+    if parameters.at is None:
+        _wait_for_scheduled_time()
     at = parameters.at or dt.datetime.now(dt.UTC)
     if at.tzinfo is None:
         raise ValueError("at must carry a UTC offset, e.g. 2026-11-23T10:00:00+00:00")
@@ -160,6 +166,18 @@ def adhoc_campaign(parameters: CampaignParameters) -> dict[str, Any]:
         )
         print(f"campaign {spec.name}: next run scheduled at {follow_up.isoformat()}")
     return result
+
+
+def _wait_for_scheduled_time() -> None:
+    """Wait for the run's scheduled time when a worker started it early.
+
+    Workers take scheduled runs a few seconds ahead (``PREFECT_WORKER_PREFETCH_SECONDS``): a second wave
+    started then would find the early-access window still open and send to nobody new.
+    """
+    scheduled = runtime.flow_run.scheduled_start_time
+    early = (scheduled - dt.datetime.now(dt.UTC)).total_seconds() if scheduled is not None else 0
+    if early > 0:
+        time.sleep(min(early, MAX_EARLY_SECONDS))
 
 
 def _publish(summary: CampaignSummary) -> None:
