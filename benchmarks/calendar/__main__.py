@@ -442,7 +442,7 @@ class PeakMemory:
     the run occupies. ``at_peak`` gives each process's PSS at the moment of the highest PSS sum.
     """
 
-    def __init__(self, pid: int, every: float = 0.1) -> None:
+    def __init__(self, pid: int, every: float = 0.25) -> None:
         self._root = psutil.Process(pid)
         self._every = every
         self._stop = threading.Event()
