@@ -63,6 +63,13 @@ def test_a_wrong_field_names_file_line_and_field(root: Path) -> None:
     ), found
 
 
+def test_an_audience_asking_for_none_of_no_tags_is_refused(root: Path) -> None:
+    touch = root / "touches" / "education.yaml"
+    touch.write_text(touch.read_text().replace("audience:\n", "audience:\n  tags: []\n", 1))
+    found = problems(root)
+    assert any(f"{touch}:10: audience.tags:" in p and "at least 1" in p for p in found), found
+
+
 def test_every_problem_is_reported_at_once(root: Path) -> None:
     (root / "touches" / "welcome.yaml").write_text(
         "channels: [email, pigeon]\ntrigger: {kind: after_first_visit}\n"

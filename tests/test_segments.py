@@ -59,6 +59,8 @@ def test_every_mistake_is_named_by_file_line_and_field(root: Path) -> None:
         "    at_most_days_ago: 30\n"
         "Bad Name:\n"
         "  stages: [new]\n"
+        "nobody:\n"
+        "  tags: []\n"
     )
     found = problems(root)
     assert any(p.startswith(f"{path}:4: typos.stages.0:") and "loyal" in p for p in found), found
@@ -69,6 +71,8 @@ def test_every_mistake_is_named_by_file_line_and_field(root: Path) -> None:
         found
     )
     assert any(p.startswith(f"{path}:12: Bad Name") for p in found), found
+    # An empty list would select nobody: a mistake, said so, not a segment that is silently empty.
+    assert any(p.startswith(f"{path}:15: nobody.tags:") and "at least 1" in p for p in found), found
     assert not any("good" in p for p in found)
 
 

@@ -1020,19 +1020,7 @@ def _outcome(delivery: Delivery) -> ledger.Outcome:
 
 def _audience(audience: Audience) -> ColumnElement[bool]:
     """Give the SQL condition selecting ``audience`` over profiles (P) and contacts (C)."""
-    conditions: list[ColumnElement[bool]] = []
-    if audience.stages is not None:
-        conditions.append(P.stage.in_(audience.stages))
-    if audience.value_tiers is not None:
-        conditions.append(P.value_tier.in_(audience.value_tiers))
-    if audience.satisfaction is not None:
-        conditions.append(P.satisfaction.in_(audience.satisfaction))
-    if audience.min_visits is not None:
-        conditions.append(P.visits >= audience.min_visits)
-    if audience.tags:
-        conditions.append(
-            exists().where(ContactTag.contact_id == P.contact_id, ContactTag.tag.in_(audience.tags))
-        )
+    conditions = profiles.matching(audience)
     if audience.any_of:
         conditions.append(or_(*(_audience(sub) for sub in audience.any_of)))
     return and_(true(), *conditions)

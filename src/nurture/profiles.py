@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import datetime as dt
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from enum import StrEnum
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import (
     Boolean,
@@ -74,6 +74,44 @@ from nurture.models import (
     Visit,
 )
 from nurture.settings import Settings
+
+
+class Criteria(Protocol):
+    """What a touch's audience or a segment asks of a contact's profile and tags; ``None`` asks nothing."""
+
+    @property
+    def stages(self) -> Sequence[Stage] | None: ...
+    @property
+    def value_tiers(self) -> Sequence[ValueTier] | None: ...
+    @property
+    def satisfaction(self) -> Sequence[Satisfaction] | None: ...
+    @property
+    def min_visits(self) -> int | None: ...
+    @property
+    def tags(self) -> Sequence[str] | None: ...
+
+
+def matching(criteria: Criteria, contact_id: Any = ContactProfile.contact_id) -> list[ColumnElement[bool]]:
+    """Give the SQL conditions over profiles for what ``criteria`` asks, each stated field one condition.
+
+    ``tags`` asks for at least one of them on the contact whose id is ``contact_id``: a stated empty list
+    matches nobody (callers for whom it means "anyone" leave it out).
+    """
+    profile = ContactProfile
+    conditions: list[ColumnElement[bool]] = []
+    if criteria.stages is not None:
+        conditions.append(profile.stage.in_(criteria.stages))
+    if criteria.value_tiers is not None:
+        conditions.append(profile.value_tier.in_(criteria.value_tiers))
+    if criteria.satisfaction is not None:
+        conditions.append(profile.satisfaction.in_(criteria.satisfaction))
+    if criteria.min_visits is not None:
+        conditions.append(profile.visits >= criteria.min_visits)
+    if criteria.tags is not None:
+        tagged = exists().where(ContactTag.contact_id == contact_id, ContactTag.tag.in_(criteria.tags))
+        conditions.append(tagged)
+    return conditions
+
 
 DAY = 86400.0
 YEAR_DAYS = 365.25

@@ -56,7 +56,9 @@ class Audience(_Strict):
     stages: list[Stage] | None = None
     value_tiers: list[ValueTier] | None = None
     satisfaction: list[Satisfaction] | None = None
-    tags: list[str] | None = None
+    tags: list[str] | None = Field(
+        None, min_length=1, description="Has at least one of these interest tags (leave out for any)."
+    )
     min_visits: int | None = Field(None, ge=0)
     any_of: list[Audience] | None = None
 

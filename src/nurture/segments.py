@@ -24,6 +24,7 @@ from pydantic import (
 from sqlalchemy import ColumnElement, and_, exists, func, or_, select, true
 from sqlalchemy.orm import Session
 
+from nurture import profiles
 from nurture.errors import ProgrammeProblem, SegmentError, UnknownSegment
 from nurture.models import Contact, ContactProfile, ContactTag, Satisfaction, Stage, ValueTier
 from nurture.programme import load_file
@@ -73,7 +74,9 @@ class Segment(_Strict):
     stages: list[Stage] | None = None
     value_tiers: list[ValueTier] | None = None
     satisfaction: list[Satisfaction] | None = None
-    tags: list[str] | None = Field(None, description="Has at least one of these interest tags.")
+    tags: list[str] | None = Field(
+        None, min_length=1, description="Has at least one of these interest tags (leave out for any)."
+    )
     exclude_tags: list[str] | None = Field(None, description="Has none of these tags.")
     locales: list[str] | None = Field(
         None, description="'pt' is every Portuguese locale; 'pt_BR' just Brazil."
@@ -114,17 +117,7 @@ class Segment(_Strict):
 
     def condition(self, at: dt.datetime) -> ColumnElement[bool]:
         """Give the SQL condition selecting the segment over profiles (P) joined to contacts (C) at ``at``."""
-        conditions: list[ColumnElement[bool]] = []
-        if self.stages is not None:
-            conditions.append(P.stage.in_(self.stages))
-        if self.value_tiers is not None:
-            conditions.append(P.value_tier.in_(self.value_tiers))
-        if self.satisfaction is not None:
-            conditions.append(P.satisfaction.in_(self.satisfaction))
-        if self.min_visits is not None:
-            conditions.append(P.visits >= self.min_visits)
-        if self.tags is not None:
-            conditions.append(exists().where(ContactTag.contact_id == C.id, ContactTag.tag.in_(self.tags)))
+        conditions = profiles.matching(self, contact_id=C.id)
         if self.exclude_tags:
             conditions.append(
                 ~exists().where(ContactTag.contact_id == C.id, ContactTag.tag.in_(self.exclude_tags))
