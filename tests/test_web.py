@@ -309,5 +309,11 @@ def test_nurture_serve_answers_unsubscribe_links_and_twilio_on_its_port(
     finally:
         server.terminate()
         server.wait(timeout=10)
+        log = server.stdout.read().decode() if server.stdout else ""
         if server.stdout:
             server.stdout.close()
+    # The access log shows the requests, and not the token that would let anyone who reads it change
+    # Lucía's consent.
+    assert '"GET /u/… HTTP/1.1" 200' in log, log
+    assert '"POST /u/… HTTP/1.1" 200' in log, log
+    assert url.rsplit("/", 1)[1] not in log, log

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import datetime as dt
 import json
@@ -258,6 +259,7 @@ def serve(
 ) -> None:
     """Answer unsubscribe links and the SendGrid and Twilio webhooks (reachable at NURTURE_PUBLIC_URL)."""
     import uvicorn
+    from uvicorn.config import LOGGING_CONFIG
 
     from nurture.web import create_app
 
@@ -270,7 +272,11 @@ def serve(
         console.print(
             f"nurture serve on http://{host}:{port}, reachable from outside at {settings.public_url}"
         )
-        uvicorn.run(web_app, host=host, port=port, log_level="info")
+        # uvicorn's own logging, with unsubscribe tokens kept out of its access log.
+        log_config = copy.deepcopy(LOGGING_CONFIG)
+        log_config["filters"] = {"hide_tokens": {"()": "nurture.web.HideTokens"}}
+        log_config["loggers"]["uvicorn.access"]["filters"] = ["hide_tokens"]
+        uvicorn.run(web_app, host=host, port=port, log_level="info", log_config=log_config)
 
 
 @app.command("demo")

@@ -18,6 +18,8 @@ from __future__ import annotations
 import datetime as dt
 import hmac
 import json
+import logging
+import re
 from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
@@ -53,6 +55,25 @@ _PAGE_HEADERS = {
     "Cache-Control": "no-store",
     "X-Robots-Tag": "noindex",
 }
+
+_TOKEN_PATH = re.compile(r"^/u/[^/?#]+")
+
+
+class HideTokens(logging.Filter):
+    """Keep unsubscribe tokens out of the access log: ``/u/<token>`` is logged as ``/u/…``.
+
+    Each token is a contact's standing permission to change their consent; a log is read by more people
+    than the contact. Installed on uvicorn's access logger by ``nurture serve`` (``log_config``).
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        # uvicorn's access records carry (client, method, path with query, HTTP version, status).
+        if isinstance(record.args, tuple) and len(record.args) == 5:
+            client, method, path, version, status = record.args
+            if isinstance(path, str):
+                record.args = (client, method, _TOKEN_PATH.sub("/u/…", path), version, status)
+        return True
+
 
 _WORDS: dict[str, dict[str, str]] = {
     "en": {
