@@ -15,11 +15,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from typer.testing import CliRunner
 
 from nurture.cli import app
-from nurture.imports import import_file
+from nurture.imports import CONTACT_COLUMNS, import_file
 from nurture.models import Contact, Referral
 from nurture.settings import Settings
 from nurture.synthetic import (
-    CONTACT_COLUMNS,
     FEEDBACK_COLUMNS,
     SERVICES,
     TAG_SEPARATOR,

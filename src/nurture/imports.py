@@ -61,23 +61,23 @@ REQUIRED_COLUMNS: dict[ImportKind, tuple[str, ...]] = {
     ImportKind.VISITS: ("external_id", "contact_external_id", "occurred_at"),
     ImportKind.FEEDBACK: ("contact_external_id", "occurred_at", "kind"),
 }
-CONTACT_COLUMNS = frozenset(
-    {
-        "external_id",
-        "first_name",
-        "last_name",
-        "email",
-        "phone",
-        "country",
-        "locale",
-        "timezone",
-        "birthday",
-        "tags",
-        "referred_by",
-        "email_consent",
-        "sms_consent",
-    }
+# The contacts file's columns, in the order the README documents and the synthetic business writes them.
+CONTACT_COLUMNS = (
+    "external_id",
+    "first_name",
+    "last_name",
+    "email",
+    "phone",
+    "country",
+    "locale",
+    "timezone",
+    "birthday",
+    "tags",
+    "referred_by",
+    "email_consent",
+    "sms_consent",
 )
+_KNOWN_CONTACT_COLUMNS = frozenset(CONTACT_COLUMNS)
 CONSENT_COLUMNS = {"email_consent": Channel.EMAIL, "sms_consent": Channel.SMS}
 SCORE_RANGES = {FeedbackKind.NPS: range(0, 11), FeedbackKind.CSAT: range(1, 6)}
 RESOLVABLE_KINDS = frozenset({FeedbackKind.COMPLAINT, FeedbackKind.CANCEL_REQUEST})
@@ -643,7 +643,7 @@ def _parse_contact(record: Record, settings: Settings, today: dt.date) -> _Conta
         given = _parse(column, contacts.parse_consent, value(column, ""))
         if given is not None:
             consents[channel] = given
-    attributes = {column: text for column, text in values.items() if column not in CONTACT_COLUMNS}
+    attributes = {column: text for column, text in values.items() if column not in _KNOWN_CONTACT_COLUMNS}
     return _ContactRow(
         external_id=_required(record, "external_id"),
         fields=fields,

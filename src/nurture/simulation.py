@@ -45,7 +45,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from nurture import synthetic
-from nurture.imports import ImportSummary, import_file
+from nurture.imports import CONTACT_COLUMNS, ImportSummary, import_file
 from nurture.models import Contact, Feedback, FeedbackKind, Send, SendStatus, Visit
 from nurture.settings import Settings
 
@@ -84,7 +84,7 @@ RESOLVE_PER_DAY = 0.05
 FRIEND_VISITS_AT_ONCE = 0.6
 MAX_DAILY_CHANCE = 0.95
 
-NEW_CONTACT_COLUMNS = synthetic.CONTACT_COLUMNS + synthetic.TRAIT_COLUMNS
+NEW_CONTACT_COLUMNS = CONTACT_COLUMNS + synthetic.TRAIT_COLUMNS
 STATE_COLUMNS = ("external_id", "sim_churned_on")
 
 

@@ -29,21 +29,8 @@ from pathlib import Path
 from typing import Any, TextIO
 from zoneinfo import ZoneInfo
 
-CONTACT_COLUMNS = (
-    "external_id",
-    "first_name",
-    "last_name",
-    "email",
-    "phone",
-    "country",
-    "locale",
-    "timezone",
-    "birthday",
-    "tags",
-    "referred_by",
-    "email_consent",
-    "sms_consent",
-)
+from nurture.imports import CONTACT_COLUMNS
+
 # Latent traits of each simulated customer, kept by the importer as contact attributes.
 TRAIT_COLUMNS = (
     "sim_country",
