@@ -28,13 +28,15 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import os
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import bindparam, text
+from sqlalchemy import Connection, Engine, bindparam, text
 from sqlalchemy.orm import Session
 
 from nurture.models import UTCDateTime
@@ -571,6 +573,7 @@ def _visits_after(
                CASE WHEN status = 'sent' THEN {send_seconds} ELSE 0 END AS send_seconds
         FROM sends {indexed}
         WHERE status IN ('sent', 'held_out') AND {_AT} IS NOT NULL AND {bounds.where("claimed_at")}
+          AND contact_id BETWEEN :first_contact AND :last_contact
     """
     sql = f"""
         WITH e AS ({sends}),
@@ -627,14 +630,16 @@ def _visits_after(
         SELECT 'influenced', touch, campaign, NULL, currency, COUNT(*), SUM(amount), NULL, NULL
         FROM influenced_in_campaign GROUP BY touch, campaign, currency
     """
-    counted = f"""
-        SELECT 'sends', touch, campaign, status, NULL, COUNT(*), SUM(closed), NULL, NULL
-        FROM ({sends}) AS e GROUP BY touch, campaign, status
-    """
+
+    def contacts(connection: Connection, first: int, last: int) -> list[Any]:
+        bounded = {**parameters, "first_contact": first, "last_contact": last}
+        counted = _sends_counted(connection, dialect, sends, bounded)
+        return [*counted, *connection.execute(_bind(sql, bounded))]
+
     exposures: dict[tuple[str, str | None], dict[str, _Counts]] = defaultdict(dict)
     outcomes: dict[tuple[str, str | None], _Outcomes] = defaultdict(_Outcomes)
     credits = _Credits()
-    rows = [*session.execute(_bind(counted, parameters)), *session.execute(_bind(sql, parameters))]
+    rows = _by_contact_ranges(session, dialect, contacts)
     for kind, touch, campaign, status, currency, n, first, second, third in rows:
         if kind == "sends":
             for key in {(touch, None), (touch, campaign)}:
@@ -663,6 +668,91 @@ def _visits_after(
                     offers.get(touch), _decimal(first), _decimal(second), _decimal(third)
                 )
     return dict(exposures), dict(outcomes), credits
+
+
+def _sends_counted(
+    connection: Connection, dialect: str, sends: str, parameters: Mapping[str, Any]
+) -> list[Any]:
+    """Count the sends per touch, campaign and status: all of them, and those whose window has closed."""
+    if dialect != "sqlite":
+        counted = f"""
+            SELECT 'sends', touch, campaign, status, NULL, COUNT(*), SUM(closed), NULL, NULL
+            FROM ({sends}) AS e GROUP BY touch, campaign, status
+        """
+        return list(connection.execute(_bind(counted, parameters)))
+    # SQLite would sort every send to group them (most of the time the count took); adding each to its
+    # group's row in a small table as it comes reads them once. The key cannot hold a NULL campaign.
+    connection.execute(text("DROP TABLE IF EXISTS temp.attribution_sends"))
+    connection.execute(
+        text(
+            "CREATE TEMPORARY TABLE attribution_sends (touch TEXT NOT NULL, in_campaign INTEGER NOT NULL,"
+            " campaign TEXT NOT NULL, status TEXT NOT NULL, sends INTEGER NOT NULL, closed INTEGER NOT NULL,"
+            " PRIMARY KEY (touch, in_campaign, campaign, status)) WITHOUT ROWID"
+        )
+    )
+    connection.execute(
+        _bind(
+            f"""
+            INSERT INTO attribution_sends
+            SELECT touch, campaign IS NOT NULL, coalesce(campaign, ''), status, 1, closed
+            FROM ({sends}) AS e WHERE true
+            ON CONFLICT (touch, in_campaign, campaign, status)
+            DO UPDATE SET sends = sends + 1, closed = closed + excluded.closed
+            """,
+            parameters,
+        )
+    )
+    rows = list(
+        connection.execute(
+            text(
+                "SELECT 'sends', touch, CASE WHEN in_campaign THEN campaign END, status, NULL, sends, closed,"
+                " NULL, NULL FROM attribution_sends"
+            )
+        )
+    )
+    connection.execute(text("DROP TABLE attribution_sends"))
+    return rows
+
+
+def _by_contact_ranges(
+    session: Session, dialect: str, work: Callable[[Connection, int, int], list[Any]]
+) -> list[Any]:
+    """Run ``work`` over the contacts with sends, in ranges of contact ids, and give all their rows.
+
+    Every sum the report makes is a sum over contacts (a send and the visits it is followed to belong to one
+    contact), so the ranges' rows add up. A SQLite file is read in one range per core, each on a connection
+    of its own in a thread (sqlite3 lets go of the GIL while a statement runs), unless the session holds
+    writes the other connections could not see; PostgreSQL reads with parallel workers by itself.
+    """
+    first, last = session.execute(
+        text("SELECT (SELECT MIN(contact_id) FROM sends), (SELECT MAX(contact_id) FROM sends)")
+    ).one()
+    if first is None:
+        return []
+    bind = session.get_bind()
+    parts = min(os.cpu_count() or 1, _MOST_RANGES)
+    if dialect != "sqlite" or parts < 2 or not isinstance(bind, Engine) or not _reads_apart(session, bind):
+        return work(session.connection(), first, last)
+    step = -(-(last - first + 1) // parts)
+    ranges = [(low, min(low + step - 1, last)) for low in range(first, last + 1, step)]
+
+    def on_own_connection(bounds: tuple[int, int]) -> list[Any]:
+        with bind.connect() as connection:
+            return work(connection, *bounds)
+
+    with ThreadPoolExecutor(len(ranges)) as pool:
+        return [row for rows in pool.map(on_own_connection, ranges) for row in rows]
+
+
+_MOST_RANGES = 4
+
+
+def _reads_apart(session: Session, engine: Engine) -> bool:
+    """Tell whether other connections to the engine's SQLite database see what the session sees."""
+    database = engine.url.database
+    if not database or database == ":memory:" or "mode=memory" in str(engine.url):
+        return False
+    return not session.connection().connection.dbapi_connection.in_transaction  # type: ignore[union-attr]
 
 
 def _decimal(value: Any) -> Decimal:
