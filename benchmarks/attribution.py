@@ -12,8 +12,8 @@ incentive with its offer). The SQLite file is cached as
 rows go into that (emptied) database once, and stay there for the next time.
 
 Then it runs the real command, ``nurture report attribution --json``, in a subprocess: over every send (a
-year), and over the last 28 days' sends (``--since``), and prints each one's wall time and the child's
-peak memory.
+year), and over the last 28 days' sends (``--since``), and prints each one's wall time, the child's CPU
+time (its threads' summed) and peak memory, and the load average after it.
 """
 
 from __future__ import annotations
@@ -187,21 +187,24 @@ def postgres_holds(url: str, contacts: int, sends: int, visits: int) -> bool:
     return counts == [contacts, sends, visits]
 
 
-def run_report(url: str, *options: str) -> tuple[float, float, dict[str, object]]:
-    """Run ``nurture report attribution --json`` in a child; give its wall seconds, peak MB and output."""
+def run_report(url: str, *options: str) -> tuple[float, float, float, dict[str, object]]:
+    """Run ``nurture report attribution --json`` in a child; give its wall and CPU s, peak MB and output."""
     command = [str(Path(sys.executable).parent / "nurture"), "report", "attribution", "--json", *options]
     environment = {
         **os.environ,
         "NURTURE_DATABASE_URL": url,
         "NURTURE_TEMPLATES_DIR": str(BENCHMARKS.parent / "templates"),
     }
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True, env=environment, check=False)
     seconds = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     if result.returncode != 0:
         raise SystemExit(result.stderr)
     peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    return seconds, peak_mb, json.loads(result.stdout)
+    return seconds, cpu, peak_mb, json.loads(result.stdout)
 
 
 def main() -> None:
@@ -246,16 +249,21 @@ def main() -> None:
 
     since = (NOW - dt.timedelta(days=28)).date().isoformat()
     print(f"\n{arguments.sends:,} sends, {arguments.visits:,} visits, {arguments.contacts:,} contacts")
-    print("| database | report | wall s | peak RSS | touches | sends counted | last-touch visits |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    print(
+        "| database | report | wall s | CPU s | load | peak RSS | touches | sends counted"
+        " | last-touch visits |"
+    )
+    print("|---|---|---:|---:|---|---:|---:|---:|---:|")
     for name, url in databases:
         for label, options in (("every send (a year)", ()), (f"sends since {since}", ("--since", since))):
-            seconds, peak, report = run_report(url, *options)
+            seconds, cpu, peak, report = run_report(url, *options)
+            load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
             touches = report["touches"]
             assert isinstance(touches, list)
             counted = sum(t["sent"] + t["held_out"] for t in touches)
             print(
-                f"| {name} | {label} | {seconds:.1f} | {peak:.0f} MB | {len(touches)} | {counted:,}"
+                f"| {name} | {label} | {seconds:.1f} | {cpu:.1f} | {load} | {peak:.0f} MB | {len(touches)}"
+                f" | {counted:,}"
                 f" | {report['last_touch_visits']:,} |",
                 flush=True,
             )

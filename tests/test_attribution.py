@@ -553,3 +553,44 @@ def test_the_html_report_charts_each_measured_touchs_lift_with_its_interval(
     )
     assert lift["lift"] == pytest.approx(2.0)  # 75% against 25%: three times as many, +200%
     assert lift["low"] < 2.0 < lift["high"]
+
+
+def test_a_report_sees_the_sends_and_visits_its_own_session_has_not_committed_yet(
+    sessions: sessionmaker[Session], settings: Settings, ledger: Ledger
+) -> None:
+    # On SQLite the report reads ranges of contacts on connections of its own, which would not see them.
+    committed, pending = ledger.contact_ids(30), ledger.contact_ids(30)
+    ledger.sends(committed, "education", T, SendStatus.SENT)
+    ledger.visits(committed[:10], T + DAY)
+    with sessions() as session:
+        for number, contact_id in enumerate(pending):
+            session.add(
+                Send(
+                    key=f"pending:{number}",
+                    contact_id=contact_id,
+                    touch="education",
+                    occurrence=str(number),
+                    category=SendCategory.MARKETING,
+                    status=SendStatus.SENT,
+                    channel=Channel.EMAIL,
+                    due_at=T,
+                    claimed_at=T,
+                    sent_at=T,
+                )
+            )
+            session.add(
+                Visit(
+                    external_id=f"pending:{number}",
+                    contact_id=contact_id,
+                    occurred_at=T + DAY,
+                    amount=Decimal("40.00"),
+                    currency="EUR",
+                    created_at=T + DAY,
+                )
+            )
+        session.flush()
+        programme = load_programme(settings.templates_dir)
+        education = by_name(attribution.report(session, settings, programme, now=NOW))["education"]
+
+    assert (education.sent, education.last_touch_visits) == (60, 40)
+    assert education.last_touch_revenue == {"EUR": 1600.0}

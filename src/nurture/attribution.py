@@ -576,7 +576,8 @@ def _visits_after(
           AND contact_id BETWEEN :first_contact AND :last_contact
     """
     sql = f"""
-        WITH e AS ({sends}),
+        -- Not materialized: SQLite would first copy every send of the period into a temporary table.
+        WITH e AS NOT MATERIALIZED ({sends}),
         -- Each send's contact's visits in its longest window, read from the visits' covering index by
         -- (contact, instant): SQLite is made to probe it per send (CROSS JOIN keeps the sends outside).
         pairs AS MATERIALIZED (
