@@ -45,6 +45,7 @@ from nurture.settings import Settings
 
 CONFIDENCE = 0.95
 DAY_SECONDS = 86400
+_MOST_RANGES = 4  # of contacts read at once, one per core, on SQLite
 
 
 @dataclass(frozen=True)
@@ -743,9 +744,6 @@ def _by_contact_ranges(
 
     with ThreadPoolExecutor(len(ranges)) as pool:
         return [row for rows in pool.map(on_own_connection, ranges) for row in rows]
-
-
-_MOST_RANGES = 4
 
 
 def _reads_apart(session: Session, engine: Engine) -> bool:
