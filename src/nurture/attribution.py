@@ -601,10 +601,12 @@ def _visits_after(
             FROM pairs
             WHERE status = 'sent' AND occurred_at <= {_window_end(dialect, "at", "send_seconds")}
         ),
-        credited AS (
-            SELECT send_id, touch, campaign, incentive, amount, currency,
+        -- The first visit credited to each send with an offer: numbered only where there is an offer, so
+        -- that the other credited visits are not sorted by send for nothing.
+        redeeming AS (
+            SELECT touch, campaign, incentive, amount, currency,
                    ROW_NUMBER() OVER (PARTITION BY send_id ORDER BY occurred_at, visit_id) AS nth
-            FROM ranked WHERE latest = 1
+            FROM ranked WHERE latest = 1 AND incentive IS NOT NULL
         ),
         influenced AS (
             SELECT DISTINCT touch, visit_id, amount, currency FROM ranked
@@ -620,11 +622,11 @@ def _visits_after(
         FROM hits GROUP BY touch, campaign, status, currency
         UNION ALL
         SELECT 'last', touch, campaign, NULL, currency, COUNT(*), SUM(amount), NULL, NULL
-        FROM credited GROUP BY touch, campaign, currency
+        FROM ranked WHERE latest = 1 GROUP BY touch, campaign, currency
         UNION ALL
         SELECT 'redeemed', touch, campaign, NULL, currency, COUNT(*), SUM(amount), SUM(amount * incentive),
                SUM(incentive)
-        FROM credited WHERE nth = 1 AND incentive IS NOT NULL GROUP BY touch, campaign, currency
+        FROM redeeming WHERE nth = 1 GROUP BY touch, campaign, currency
         UNION ALL
         SELECT 'influenced', touch, NULL, NULL, currency, COUNT(*), SUM(amount), NULL, NULL
         FROM influenced GROUP BY touch, currency
