@@ -124,6 +124,7 @@ def contact_calendar(parameters: CalendarParameters | None = None) -> dict[str, 
             parts = [send_range_in_run.submit(run, low, high) for low, high in ranges]
         for part in parts:
             summary.combine(part.result())
+    print(f"where the time went: {summary.speed()}")
     create_markdown_artifact(
         summary.markdown(), key="contact-calendar", description="What the contact calendar sent and why not"
     )

@@ -265,6 +265,26 @@ def test_holdout_is_deterministic_recorded_and_never_sent(
     assert {cid for ext, cid in by_external.items() if _held_out(programme_, welcome, ext)} == held
 
 
+def test_a_run_says_how_fast_its_message_path_went_counting_the_holdout(
+    settings: Settings, business: Business
+) -> None:
+    programme = settings.templates_dir / "programme.yaml"
+    programme.write_text(programme.read_text().replace("holdout: 0\n", "holdout: 0.5\n"))
+    madrid = "Europe/Madrid"
+    for i in range(20):
+        business.contact(external_id=f"s{i}", visits=[local(madrid, 2026, 11, 22, 12, 0)])
+
+    summary = run(settings, local(madrid, 2026, 11, 23, 10, 0), touches=["welcome"])
+
+    assert summary.totals["sent"] + summary.totals["held_out"] == 20
+    assert set(summary.wall) == {"prepare", "profiles", "plan", "render", "claim", "push", "record"}
+    assert all(seconds >= 0 for seconds in summary.cpu.values())
+    speed = summary.speed()
+    assert "Message path (render + claim + push + record): 20 messages in " in speed
+    assert "messages a second per core" in speed
+    assert "prepare" not in summary.as_dict()  # the JSON of a run stays the same from run to run
+
+
 # Template errors and dry runs.
 
 

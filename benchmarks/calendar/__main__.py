@@ -577,6 +577,9 @@ def run(contacts: int, batch_size: int, api_url: str | None = None) -> None:
     print(f"  wall time: {wall:.1f} s (the flow, with {server}, profile refresh included)")
     print(f"  messages sent or held out per second, whole run: {handled / wall:,.0f}")
     print(f"  peak memory of the run, all its processes together: {peak.report()}")
+    for line in stderr.splitlines():
+        if "where the time went: " in line:
+            print("  " + line.partition("where the time went: ")[2])
 
 
 def run_in_process(contacts: int, batch_size: int) -> None:
@@ -598,6 +601,7 @@ def run_in_process(contacts: int, batch_size: int) -> None:
     print(f"calendar run in this process, without Prefect, over {contacts:,} contacts:")
     print(f"  planned: {totals['planned']:,}, sent: {totals['sent']:,}, held_out: {totals['held_out']:,}")
     print(f"  wall time: {wall:.1f} s; peak memory of this process and its workers: {peak.report()}")
+    print(f"  {summary.speed()}")
 
 
 def main() -> None:

@@ -24,6 +24,7 @@ import multiprocessing.util
 import os
 import signal
 import threading
+import time
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Collection, Iterator, Mapping, Sequence
@@ -140,6 +141,14 @@ COUNTS = (
 )
 
 
+# The steps of a run, timed: the run's own process sums the history up (``prepare``); each range then
+# writes its profiles, plans, and takes each message along the message path: render, claim, push, record.
+STEPS = ("prepare", "profiles", "plan", "render", "claim", "push", "record")
+MESSAGE_PATH = ("render", "claim", "push", "record")
+# What went along the message path: the holdout is claimed (as held out) too.
+HANDLED = ("sent", "held_out", "failed", "unknown", "taken_by_other_run")
+
+
 @dataclass
 class RunSummary:
     """What a run did: totals, the same counts per touch, and every error worth a person's attention."""
@@ -152,6 +161,10 @@ class RunSummary:
     errors: list[str] = field(default_factory=list)
     unknown_sends: list[int] = field(default_factory=list)
     stages: Counter[str] = field(default_factory=Counter)
+    # Seconds each step took (``STEPS``), CPU and wall, summed over the processes that took part; left
+    # out of ``as_dict``, so that the same run gives the same JSON.
+    cpu: defaultdict[str, float] = field(default_factory=lambda: defaultdict(float))
+    wall: defaultdict[str, float] = field(default_factory=lambda: defaultdict(float))
 
     def count(self, touch: str, outcome: str, n: int = 1) -> None:
         """Count ``n`` messages of ``touch`` with ``outcome``."""
@@ -167,7 +180,36 @@ class RunSummary:
         self.errors.extend(other.errors)
         self.unknown_sends.extend(other.unknown_sends)
         self.stages.update(other.stages)
+        for step, seconds in other.cpu.items():
+            self.cpu[step] += seconds
+        for step, seconds in other.wall.items():
+            self.wall[step] += seconds
         return self
+
+    @contextlib.contextmanager
+    def timed(self, step: str) -> Iterator[None]:
+        """Add the CPU (this thread's) and wall seconds the block takes to ``step``."""
+        cpu, wall = time.thread_time(), time.perf_counter()
+        try:
+            yield
+        finally:
+            self.cpu[step] += time.thread_time() - cpu
+            self.wall[step] += time.perf_counter() - wall
+
+    def speed(self) -> str:
+        """Say where the run's time went, step by step, and how fast the message path went per core."""
+        steps = ", ".join(
+            f"{step} {self.cpu[step]:.1f} s CPU ({self.wall[step]:.1f} s wall)"
+            for step in STEPS
+            if step in self.wall
+        )
+        messages = sum(self.totals[name] for name in HANDLED)
+        path = sum(self.cpu.get(step, 0.0) for step in MESSAGE_PATH)
+        rate = f"{messages / path:,.0f} messages a second per core" if path else "no message sent"
+        return (
+            f"{steps}. Message path ({' + '.join(MESSAGE_PATH)}): {messages:,} messages in {path:.2f} s CPU,"
+            f" {rate}"
+        )
 
     def as_dict(self) -> dict[str, Any]:
         """Give the summary as plain JSON-ready data."""
@@ -370,20 +412,21 @@ class Calendar:
         summary = RunSummary(at=self.at, dry_run=self.dry_run)
         if self.stopping.is_set():
             return summary
-        with sessions.begin() as session:
+        with summary.timed("profiles"), sessions.begin() as session:
             summary.stages = self._profile_range(session, basis, low, high)
-        with sessions.begin() as session:
-            dues = [due for touch in self.touches for due in self._due(session, touch, low, high)]
-            if not dues:
-                return summary
-            recipients = _recipients(session, {d.contact_id for d in dues})
-            friends = _first_names(session, _friends(dues))
-            tags = _tags(session, {d.contact_id for d in dues})
-            recent = _recent_marketing(session, low, high, self.at)
-            dues = self._still_due(session, dues, recipients, summary)
-            keys = {ledger.send_key(d.touch.name, d.contact_id, d.occurrence): d for d in dues}
-            taken = ledger.existing(session, keys.keys())
-        plans = self._apply_rules(keys, taken, recipients, recent, summary)
+        with summary.timed("plan"):
+            with sessions.begin() as session:
+                dues = [due for touch in self.touches for due in self._due(session, touch, low, high)]
+                if not dues:
+                    return summary
+                recipients = _recipients(session, {d.contact_id for d in dues})
+                friends = _first_names(session, _friends(dues))
+                tags = _tags(session, {d.contact_id for d in dues})
+                recent = _recent_marketing(session, low, high, self.at)
+                dues = self._still_due(session, dues, recipients, summary)
+                keys = {ledger.send_key(d.touch.name, d.contact_id, d.occurrence): d for d in dues}
+                taken = ledger.existing(session, keys.keys())
+            plans = self._apply_rules(keys, taken, recipients, recent, summary)
         self._deliver(sessions, plans, friends, tags, summary)
         return summary
 
@@ -482,18 +525,19 @@ class Calendar:
         summary: RunSummary,
     ) -> None:
         held, rendered = [], []
-        for plan in plans:
-            touch = plan.due.touch
-            if not plan.resume and _held_out(self.programme, touch, plan.recipient.external_id):
-                held.append(plan)
-                continue
-            try:
-                message = self._render(plan, friends, tags)
-            except TemplateError as error:
-                summary.count(touch.name, "template_errors")
-                summary.errors.append(f"{touch.name} for contact {plan.recipient.external_id}: {error}")
-                continue
-            rendered.append((plan, message))
+        with summary.timed("render"):
+            for plan in plans:
+                touch = plan.due.touch
+                if not plan.resume and _held_out(self.programme, touch, plan.recipient.external_id):
+                    held.append(plan)
+                    continue
+                try:
+                    message = self._render(plan, friends, tags)
+                except TemplateError as error:
+                    summary.count(touch.name, "template_errors")
+                    summary.errors.append(f"{touch.name} for contact {plan.recipient.external_id}: {error}")
+                    continue
+                rendered.append((plan, message))
         if self.dry_run:
             for plan in held:
                 summary.count(plan.due.touch.name, "held_out")
@@ -506,7 +550,7 @@ class Calendar:
             if self.stopping.is_set():
                 return
             chunk = held[start : start + size]
-            with sessions.begin() as session:
+            with summary.timed("claim"), sessions.begin() as session:
                 got = ledger.claim(
                     session,
                     [self._entry(p, None, SendStatus.HELD_OUT) for p in chunk],
@@ -526,7 +570,7 @@ class Calendar:
     ) -> None:
         fresh = [(p, m) for p, m in chunk if not p.resume]
         resumed = [(p, m) for p, m in chunk if p.resume]
-        with sessions.begin() as session:
+        with summary.timed("claim"), sessions.begin() as session:
             ids = ledger.claim(
                 session,
                 [self._entry(p, m, SendStatus.CLAIMED) for p, m in fresh],
@@ -534,40 +578,43 @@ class Calendar:
                 run_id=self.run_id,
             )
             ids.update(ledger.reclaim(session, [p.key for p, _ in resumed], run_id=self.run_id))
-        by_channel: dict[Channel, list[tuple[Plan, OutgoingMessage]]] = defaultdict(list)
-        for plan, message in chunk:
-            send_id = ids.get(plan.key)
-            if send_id is None:
-                summary.count(plan.due.touch.name, "taken_by_other_run")
-                continue
-            by_channel[plan.channel].append((plan, message.outgoing(send_id, plan)))
-        outcomes: list[ledger.Outcome] = []
-        untried: list[int] = []
-        revoked: dict[str, set[tuple[int, Channel]]] = defaultdict(set)
-        for channel, items in by_channel.items():
-            deliveries = self._messenger(channel).push([message for _, message in items])
-            for (plan, _), delivery in zip(items, deliveries, strict=True):
-                if delivery.status is SendStatus.CLAIMED:
-                    # Stopped before it was sent: a fresh claim is given up; a resumed one stays, as it was.
-                    if not plan.resume:
-                        untried.append(delivery.send_id)
+        with summary.timed("push"):
+            by_channel: dict[Channel, list[tuple[Plan, OutgoingMessage]]] = defaultdict(list)
+            for plan, message in chunk:
+                send_id = ids.get(plan.key)
+                if send_id is None:
+                    summary.count(plan.due.touch.name, "taken_by_other_run")
                     continue
-                outcomes.append(_outcome(delivery))
-                if delivery.revoke_consent:
-                    revoked[delivery.revoke_consent].add((plan.recipient.id, channel))
-                    summary.count(plan.due.touch.name, "consent_revoked")
-                status = {SendStatus.SENT: "sent", SendStatus.FAILED: "failed"}.get(
-                    delivery.status, "unknown"
-                )
-                summary.count(plan.due.touch.name, status)
-                if delivery.status is SendStatus.SENT:
-                    summary.by_channel[channel] += 1
-                elif delivery.status is SendStatus.UNKNOWN:
-                    summary.unknown_sends.append(delivery.send_id)
-                else:
-                    who = plan.recipient.external_id
-                    summary.errors.append(f"{plan.due.touch.name} to contact {who} failed: {delivery.error}")
-        with sessions.begin() as session:
+                by_channel[plan.channel].append((plan, message.outgoing(send_id, plan)))
+            outcomes: list[ledger.Outcome] = []
+            untried: list[int] = []
+            revoked: dict[str, set[tuple[int, Channel]]] = defaultdict(set)
+            for channel, items in by_channel.items():
+                deliveries = self._messenger(channel).push([message for _, message in items])
+                for (plan, _), delivery in zip(items, deliveries, strict=True):
+                    if delivery.status is SendStatus.CLAIMED:
+                        # Never sent: a fresh claim is given up; a resumed one stays, as it was.
+                        if not plan.resume:
+                            untried.append(delivery.send_id)
+                        continue
+                    outcomes.append(_outcome(delivery))
+                    if delivery.revoke_consent:
+                        revoked[delivery.revoke_consent].add((plan.recipient.id, channel))
+                        summary.count(plan.due.touch.name, "consent_revoked")
+                    status = {SendStatus.SENT: "sent", SendStatus.FAILED: "failed"}.get(
+                        delivery.status, "unknown"
+                    )
+                    summary.count(plan.due.touch.name, status)
+                    if delivery.status is SendStatus.SENT:
+                        summary.by_channel[channel] += 1
+                    elif delivery.status is SendStatus.UNKNOWN:
+                        summary.unknown_sends.append(delivery.send_id)
+                    else:
+                        who = plan.recipient.external_id
+                        summary.errors.append(
+                            f"{plan.due.touch.name} to contact {who} failed: {delivery.error}"
+                        )
+        with summary.timed("record"), sessions.begin() as session:
             ledger.record(session, outcomes, at=self.at)
             ledger.unclaim(session, untried)
             for source, pairs in revoked.items():
@@ -1225,8 +1272,11 @@ class Run:
             workers = self._workers()
             for _ in range(self.processes):
                 workers.submit(_ready)
+        cpu, wall = time.thread_time(), time.perf_counter()
         with self.sessions.begin() as session:
             summary, self.basis = self.calendar.prepare(session)
+        summary.cpu["prepare"] += time.thread_time() - cpu
+        summary.wall["prepare"] += time.perf_counter() - wall
         return summary, ranges
 
     def send(self, low: int, high: int) -> RunSummary:
