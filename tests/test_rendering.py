@@ -228,6 +228,23 @@ def test_a_syntax_error_names_template_and_line(templates_copy: Path) -> None:
     assert "syntax error" in caught.value.message
 
 
+def test_templates_compiled_ahead_render_the_same_and_a_broken_one_still_names_its_line(
+    templates_copy: Path,
+) -> None:
+    write(templates_copy / "messages/welcome/es/sms.txt", "Hola\n{% if contact.first_name %}\n{{ x }}\n")
+    lazy = Renderer(templates_copy, default_locale="en")
+    ahead = Renderer(templates_copy, default_locale="en")
+    ahead.compile_all()  # as a run's worker does when it starts
+    context = sample_context("welcome", "pt")
+    assert ahead.render("welcome", Channel.EMAIL, "pt", context) == lazy.render(
+        "welcome", Channel.EMAIL, "pt", context
+    )
+    with pytest.raises(TemplateError) as caught:
+        ahead.render("welcome", Channel.SMS, "es", sample_context("welcome", "es"))
+    assert caught.value.template == str(templates_copy / "messages/welcome/es/sms.txt")
+    assert caught.value.line is not None and caught.value.line >= 2
+
+
 @pytest.mark.parametrize(
     "expression",
     [

@@ -1333,6 +1333,8 @@ _worker: Run | None = None
 def _start_worker(request: RunRequest, stopping: Any) -> None:
     global _worker
     _worker = Run(request)
+    # While the run's own process sums the history up, not in the first range's message path.
+    _worker.calendar.renderer.compile_all()
     multiprocessing.util.Finalize(_worker, _worker.close, exitpriority=10)
     threading.Thread(target=_stop_when, args=(stopping, _worker), name="stop", daemon=True).start()
     # A cancelled flow run's process group is sent SIGTERM: a worker stops, records what went out and

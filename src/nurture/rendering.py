@@ -17,6 +17,7 @@ template file and line.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
 import re
@@ -93,6 +94,14 @@ class Renderer:
         self.environment = _environment(self.root)
         self._files = _existing_files(self.root)
         self._resolved: dict[tuple[str, Channel, str], _Resolved] = {}
+
+    def compile_all(self) -> None:
+        """Compile every message template now, ahead of the first message (a run's worker, at its start)."""
+        for name in sorted(self._files):
+            if name.endswith((".txt", ".html")):
+                # A template that does not compile is reported where it is used, naming its file and line.
+                with contextlib.suppress(Exception):
+                    self.environment.get_template(name)
 
     def locales(self, locale: str) -> tuple[str, ...]:
         """The locales tried for ``locale``, most specific first: ``pt_BR``, ``pt``, the default."""
