@@ -341,6 +341,28 @@ def test_education_follows_interests_and_never_repeats_an_item(
     assert all(subjects)
 
 
+def test_education_goes_out_on_its_local_day_on_both_sides_of_the_date_line(
+    settings: Settings, business: Business
+) -> None:
+    # At 21:00 UTC it is 10:00 tomorrow in Auckland and 11:00 today in Honolulu: one run, two local dates.
+    auckland, honolulu = (
+        business.contact(timezone=zone, locale="en", tags=["nails"], visits=[local(zone, 2026, 9, 1, 12, 0)])
+        for zone in ("Pacific/Auckland", "Pacific/Honolulu")
+    )
+    day = dt.datetime(2026, 9, 19, 21, 0, tzinfo=dt.UTC)
+    while day < dt.datetime(2026, 10, 16, tzinfo=dt.UTC):
+        run(settings, day, touches=["education"])
+        day += dt.timedelta(days=1)
+
+    def sent(contact_id: int) -> list[tuple[dt.date, dt.date]]:
+        sends = [s for s in business.sends(contact_id) if s.status is SendStatus.SENT]
+        return sorted((s.due_at.date(), s.claimed_at.date()) for s in sends)
+
+    due = [dt.date(2026, 9, 22), dt.date(2026, 10, 13)]  # 21 days after the first visit, then 21 more
+    assert sent(auckland) == [(d, d - dt.timedelta(days=1)) for d in due]  # the UTC day before
+    assert sent(honolulu) == [(d, d) for d in due]
+
+
 def test_incentive_arrives_days_before_the_expected_visit_sized_by_tier(
     settings: Settings, business: Business
 ) -> None:
