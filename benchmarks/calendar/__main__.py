@@ -567,6 +567,8 @@ def run(contacts: int, batch_size: int, api_url: str | None = None) -> None:
     if child.returncode != 0:
         raise SystemExit(f"the calendar run failed:\n{stderr[-4000:]}")
     summary = json.loads(stdout)
+    # Kept to compare runs: the same business and instant give the same JSON, whatever the code's speed.
+    (DATA / f"calendar-{contacts}-run.json").write_text(stdout)
     files = sum(1 for path in outbox.rglob("*") if path.is_file())
     handled = summary["sent"] + summary["held_out"]
     print(f"calendar run over {contacts:,} contacts at {AT.isoformat()} (batch size {batch_size:,}):")
