@@ -17,6 +17,7 @@ unsubscribed from that touch's topic), and then applies the rules every send obe
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import datetime as dt
 import hashlib
 import multiprocessing
@@ -1307,6 +1308,7 @@ class Run:
             summary, self.basis = self.calendar.prepare(session)
         summary.cpu["prepare"] += time.thread_time() - cpu
         summary.wall["prepare"] += time.perf_counter() - wall
+        _release_free_memory()
         return summary, ranges
 
     def send(self, low: int, high: int) -> RunSummary:
@@ -1384,7 +1386,29 @@ def _ready() -> None:
 
 def _send_in_worker(basis: profiles.Basis, low: int, high: int) -> RunSummary:
     assert _worker is not None, "a calendar worker process was not started with its run"
-    return _worker.calendar.run_range(_worker.sessions, basis, low, high)
+    try:
+        return _worker.calendar.run_range(_worker.sessions, basis, low, high)
+    finally:
+        _release_free_memory()
+
+
+@lru_cache(maxsize=1)
+def _malloc_trim() -> Any:
+    with contextlib.suppress(OSError, AttributeError):
+        return ctypes.CDLL(None).malloc_trim
+    return None
+
+
+def _release_free_memory() -> None:
+    """Hand the memory Python freed back to the system, where the C library allows it (glibc does).
+
+    glibc keeps freed heap memory for the process: after the sum-up of a million contacts, about 70 MiB of
+    the run's own process; after each range, the range's rendered messages in a worker. Given back, it
+    stays out of the run's peak while the ranges are sent.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 @contextlib.contextmanager
