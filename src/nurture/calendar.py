@@ -421,13 +421,14 @@ class Calendar:
                 if not dues:
                     return summary
                 recipients = _recipients(session, {d.contact_id for d in dues})
-                friends = _first_names(session, _friends(dues))
-                tags = _tags(session, {d.contact_id for d in dues})
-                recent = _recent_marketing(session, low, high, self.at)
                 dues = self._still_due(session, dues, recipients, summary)
                 keys = {ledger.send_key(d.touch.name, d.contact_id, d.occurrence): d for d in dues}
                 taken = ledger.existing(session, keys.keys())
-            plans = self._apply_rules(keys, taken, recipients, recent, summary)
+                # The week's history and the tags of only the contacts the rules and the templates look at.
+                recent = _recent_marketing(session, {d.contact_id for d in dues}, self.at)
+                plans = self._apply_rules(keys, taken, recipients, recent, summary)
+                friends = _first_names(session, _friends([plan.due for plan in plans]))
+                tags = _tags(session, {plan.recipient.id for plan in plans})
         self._deliver(sessions, plans, friends, tags, summary)
         return summary
 
@@ -1191,19 +1192,20 @@ def _tags(session: Session, ids: set[int]) -> dict[int, list[str]]:
     return tags
 
 
-def _recent_marketing(session: Session, low: int, high: int, at: dt.datetime) -> dict[int, list[dt.datetime]]:
-    """Give, per contact in the range, when each marketing message of the last week was claimed."""
-    query = select(Send.contact_id, Send.claimed_at).where(
-        Send.contact_id >= low,
-        Send.contact_id < high,
-        Send.category == SendCategory.MARKETING,
-        Send.status != SendStatus.FAILED,
-        Send.claimed_at > at - dt.timedelta(days=8),
-        Send.claimed_at <= at,
-    )
+def _recent_marketing(session: Session, ids: set[int], at: dt.datetime) -> dict[int, list[dt.datetime]]:
+    """Give, per contact of ``ids``, when each marketing message of the last week was claimed."""
     recent: dict[int, list[dt.datetime]] = defaultdict(list)
-    for contact_id, claimed_at in session.execute(query):
-        recent[contact_id].append(claimed_at)
+    ordered = sorted(ids)
+    for start in range(0, len(ordered), 20_000):
+        query = select(Send.contact_id, Send.claimed_at).where(
+            Send.contact_id.in_(ordered[start : start + 20_000]),
+            Send.category == SendCategory.MARKETING,
+            Send.status != SendStatus.FAILED,
+            Send.claimed_at > at - dt.timedelta(days=8),
+            Send.claimed_at <= at,
+        )
+        for contact_id, claimed_at in session.execute(query):
+            recent[contact_id].append(claimed_at)
     return recent
 
 
