@@ -34,6 +34,7 @@ import contextlib
 import datetime as dt
 import json
 import os
+import resource
 import shutil
 import socket
 import sqlite3
@@ -557,6 +558,7 @@ def run(contacts: int, batch_size: int, api_url: str | None = None) -> None:
         str(batch_size),
         "--json",
     ]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     with subprocess.Popen(
         command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -564,6 +566,9 @@ def run(contacts: int, batch_size: int, api_url: str | None = None) -> None:
         with PeakMemory(child.pid) as peak:
             stdout, stderr = child.communicate()
     wall = time.perf_counter() - started
+    # The run's processes, each waited for by its parent: the run, its workers, a temporary Prefect server.
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
     if child.returncode != 0:
         raise SystemExit(f"the calendar run failed:\n{stderr[-4000:]}")
     summary = json.loads(stdout)
@@ -577,6 +582,8 @@ def run(contacts: int, batch_size: int, api_url: str | None = None) -> None:
     print(f"  outbox files: {files:,}")
     server = "a Prefect server already running" if api_url else "Prefect's temporary server started"
     print(f"  wall time: {wall:.1f} s (the flow, with {server}, profile refresh included)")
+    load = os.getloadavg()[0]
+    print(f"  CPU time of all the run's processes: {cpu:.1f} s (load average at the end {load:.1f})")
     print(f"  messages sent or held out per second, whole run: {handled / wall:,.0f}")
     print(f"  peak memory of the run, all its processes together: {peak.report()}")
     for line in stderr.splitlines():
