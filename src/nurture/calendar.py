@@ -277,6 +277,7 @@ class Due:
     friend_id: int | None = None
     content: ContentItem | None = None
     early: bool = False
+    timezone: str | None = None  # the contact's, when the query that found the message read it
 
 
 @dataclass(frozen=True, slots=True)
@@ -418,6 +419,9 @@ class Calendar:
         with summary.timed("plan"):
             with sessions.begin() as session:
                 dues = [due for touch in self.touches for due in self._due(session, touch, low, high)]
+                # Most win-back steps and incentives found are not due yet today where the contact lives:
+                # dropped before what rendering needs about their contacts is read.
+                dues = [d for d in dues if d.timezone is None or self._due_today(d, d.timezone)]
                 if not dues:
                     return summary
                 recipients = _recipients(session, {d.contact_id for d in dues})
@@ -439,12 +443,14 @@ class Calendar:
         kept = []
         for due in dues:
             recipient = recipients.get(due.contact_id)
-            if recipient is None:
-                continue
-            today = local_date(self.at, recipient.timezone)
-            if due.due <= today and (due.until is None or today <= due.until):
+            if recipient is not None and self._due_today(due, recipient.timezone):
                 kept.append(due)
         return kept
+
+    def _due_today(self, due: Due, timezone: str) -> bool:
+        """Tell whether ``due`` is due on the local date in ``timezone`` now and still worth sending."""
+        today = local_date(self.at, timezone)
+        return due.due <= today and (due.until is None or today <= due.until)
 
     def _apply_rules(
         self,
@@ -801,7 +807,7 @@ class Calendar:
             )
             for row in session.execute(query):
                 due = local_date(row.first_visit, row.timezone) + lead
-                yield Due(row.contact_id, touch, "first", due, due + (valid - 1) * DAY)
+                yield Due(row.contact_id, touch, "first", due, due + (valid - 1) * DAY, timezone=row.timezone)
         elif isinstance(trigger, Every):
             yield from self._due_every(session, touch, trigger, base, low, high)
         elif isinstance(trigger, BeforeExpectedVisit):
@@ -813,7 +819,9 @@ class Calendar:
             for row in session.execute(query):
                 due = local_date(row.expected_next_visit, row.timezone) - lead
                 occurrence = f"after:{local_date(row.last_visit, row.timezone).isoformat()}"
-                yield Due(row.contact_id, touch, occurrence, due, due + (valid - 1) * DAY)
+                yield Due(
+                    row.contact_id, touch, occurrence, due, due + (valid - 1) * DAY, timezone=row.timezone
+                )
         elif isinstance(trigger, PunchCard):
             size = self.settings.punch_card_size
             query = base.add_columns(C.timezone, P.last_visit, P.visits).where(
@@ -824,7 +832,9 @@ class Calendar:
             for row in session.execute(query):
                 due = local_date(row.last_visit, row.timezone)
                 occurrence = f"card:{(row.visits + trigger.stamps_to_go) // size}"
-                yield Due(row.contact_id, touch, occurrence, due, due + (valid - 1) * DAY)
+                yield Due(
+                    row.contact_id, touch, occurrence, due, due + (valid - 1) * DAY, timezone=row.timezone
+                )
         elif isinstance(trigger, PointsThreshold):
             query = base.add_columns(C.timezone, P.last_visit, P.points).where(
                 P.points >= trigger.points, P.last_visit > at - valid * DAY - TZ_MARGIN
@@ -832,7 +842,9 @@ class Calendar:
             for row in session.execute(query):
                 due = local_date(row.last_visit, row.timezone)
                 occurrence = f"points:{trigger.points}:{row.points // trigger.points}"
-                yield Due(row.contact_id, touch, occurrence, due, due + (valid - 1) * DAY)
+                yield Due(
+                    row.contact_id, touch, occurrence, due, due + (valid - 1) * DAY, timezone=row.timezone
+                )
         elif isinstance(trigger, Campaign):
             first = dt.datetime.combine(trigger.starts, dt.time(), tzinfo=dt.UTC) - TZ_MARGIN
             last = dt.datetime.combine(trigger.ends, dt.time(), tzinfo=dt.UTC) + TZ_MARGIN
@@ -861,7 +873,9 @@ class Calendar:
             for row in session.execute(query):
                 today = local_date(at, row.timezone)
                 due = _same_day_this_year(row.birthday.month, row.birthday.day, today.year)
-                yield Due(row.contact_id, touch, str(due.year), due, due + (valid - 1) * DAY)
+                yield Due(
+                    row.contact_id, touch, str(due.year), due, due + (valid - 1) * DAY, timezone=row.timezone
+                )
         elif isinstance(trigger, ReferredFriendVisited):
             yield from self._due_referral(session, touch, low, high)
         elif isinstance(trigger, Complaint):
@@ -886,7 +900,9 @@ class Calendar:
             )
             for row in session.execute(query):
                 due = local_date(row.occurred_at, row.timezone)
-                yield Due(row.contact_id, touch, f"feedback:{row.feedback_id}", due, None)
+                yield Due(
+                    row.contact_id, touch, f"feedback:{row.feedback_id}", due, None, timezone=row.timezone
+                )
         elif isinstance(trigger, Lapsed):
             yield from self._due_lapsed(session, touch, trigger, base)
         elif isinstance(trigger, Annual):
@@ -896,7 +912,9 @@ class Calendar:
             for row in session.execute(base.add_columns(C.timezone)):
                 today = local_date(at, row.timezone)
                 due = _same_day_this_year(trigger.month, trigger.day, today.year)
-                yield Due(row.contact_id, touch, str(due.year), due, due + (valid - 1) * DAY)
+                yield Due(
+                    row.contact_id, touch, str(due.year), due, due + (valid - 1) * DAY, timezone=row.timezone
+                )
 
     def _due_every(
         self, session: Session, touch: Touch, trigger: Every, base: Select[Any], low: int, high: int
@@ -954,11 +972,11 @@ class Calendar:
             else:
                 due = local_date(row.first_visit or row.created_at, row.timezone) + first
             if not trigger.content:
-                yield Due(row.contact_id, touch, due.isoformat(), due, None)
+                yield Due(row.contact_id, touch, due.isoformat(), due, None, timezone=row.timezone)
                 continue
             item = _pick_content(self.programme.content, tags.get(row.contact_id, []), had[row.contact_id])
             if item is not None:
-                yield Due(row.contact_id, touch, item.id, due, None, content=item)
+                yield Due(row.contact_id, touch, item.id, due, None, content=item, timezone=row.timezone)
 
     def _local_dates(
         self, session: Session, low: int, high: int
@@ -1015,6 +1033,7 @@ class Calendar:
                     due,
                     due + (touch.valid_days - 1) * DAY,
                     friend_id=row.friend_id,
+                    timezone=row.timezone,
                 )
 
     def _due_lapsed(
@@ -1036,7 +1055,7 @@ class Calendar:
                 gap = dt.timedelta(days=trigger.steps[n] - trigger.steps[n - 1])
                 due = max(due, local_date(row.latest, row.timezone) + gap)
             occurrence = f"{local_date(row.last_visit, row.timezone).isoformat()}:step{n + 1}"
-            yield Due(row.contact_id, touch, occurrence, due, None, step=n + 1)
+            yield Due(row.contact_id, touch, occurrence, due, None, step=n + 1, timezone=row.timezone)
 
 
 @dataclass(frozen=True, slots=True)
