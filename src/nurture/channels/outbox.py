@@ -117,6 +117,8 @@ class EmailOutbox(_Outbox):
             reply_name, reply_to = parseaddr(settings.email_reply_to)
             self._from += f"Reply-To: {_mailbox(reply_name, reply_to)}\r\n"
         self._domain = sender.rpartition("@")[2]
+        self._now: dt.datetime | None = None
+        self._date = ""
 
     def _build(self, message: OutgoingMessage, now: dt.datetime) -> bytes:
         to = message.to
@@ -135,8 +137,11 @@ class EmailOutbox(_Outbox):
         ]
         if message.subject is not None:
             head.append(f"Subject: {_encoded_text(message.subject)}\r\n")
+        # A batch's messages share one Date, formatted once rather than per message.
+        if now is not self._now:
+            self._now, self._date = now, format_datetime(now)
         head.append(
-            f"Date: {format_datetime(now)}\r\n"
+            f"Date: {self._date}\r\n"
             f"Message-ID: <{send_id}.{digest}@{self._domain}>\r\n"
             "MIME-Version: 1.0\r\n"
             f"Content-Language: {locale.replace('_', '-')}\r\n"
