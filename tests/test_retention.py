@@ -27,10 +27,22 @@ def day(year: int, month: int, date: int) -> dt.datetime:
 
 
 def figures(
-    sessions: sessionmaker[Session], costs: retention.Costs = COSTS, **options: object
+    sessions: sessionmaker[Session],
+    costs: retention.Costs = COSTS,
+    *,
+    aside: bool = False,
+    **options: object,
 ) -> retention.Report:
-    with sessions() as session:
-        return retention.report(session, WINDOW, costs, OFFERS, **options)  # type: ignore[arg-type]
+    """The report of ``WINDOW``; with ``aside``, the sends summed up on a second session in a thread."""
+    with sessions() as session, sessions() as second:
+        return retention.report(
+            session,
+            WINDOW,
+            costs,
+            OFFERS,
+            aside=second if aside else None,
+            **options,  # type: ignore[arg-type]
+        )
 
 
 OFFERS = {
@@ -138,7 +150,10 @@ def send(
     )
 
 
-def test_cost_of_retention_per_retained_customer(sessions: sessionmaker[Session], settings: Settings) -> None:
+@pytest.mark.parametrize("aside", [False, True], ids=["one session", "sends on a second session"])
+def test_cost_of_retention_per_retained_customer(
+    sessions: sessionmaker[Session], settings: Settings, aside: bool
+) -> None:
     ids = five_customers(Business(sessions))
     with sessions.begin() as session:
         profiles.refresh(session, settings, day(2026, 4, 1))  # everyone's average visit: 40.00
@@ -155,7 +170,7 @@ def test_cost_of_retention_per_retained_customer(sessions: sessionmaker[Session]
     costs = retention.Costs(
         currency="EUR", email=Decimal("0.01"), sms_segment=Decimal("0.05"), acquisition=Decimal("30")
     )
-    report = figures(sessions, costs)
+    report = figures(sessions, costs, aside=aside)
     assert report.messages == {"email": 4, "sms": 1, "sms_segments": 2}
     (eur,) = report.money
     assert eur.incentive_cost == Decimal("53.00")
