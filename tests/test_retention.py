@@ -30,19 +30,23 @@ def figures(
     sessions: sessionmaker[Session],
     costs: retention.Costs = COSTS,
     *,
-    aside: bool = False,
+    aside: int = 0,
     **options: object,
 ) -> retention.Report:
-    """The report of ``WINDOW``; with ``aside``, the sends summed up on a second session in a thread."""
-    with sessions() as session, sessions() as second:
+    """The report of ``WINDOW``, with ``aside`` more sessions summing the sends and rhythms up in threads."""
+    with sessions() as session, sessions() as second, sessions() as third:
         return retention.report(
             session,
             WINDOW,
             costs,
             OFFERS,
-            aside=second if aside else None,
+            aside=(second, third)[:aside],
             **options,  # type: ignore[arg-type]
         )
+
+
+# The report on one session, and with the sends and the customers' rhythms summed up on two more at once.
+ASIDE = pytest.mark.parametrize("aside", [0, 2], ids=["one session", "three sessions"])
 
 
 OFFERS = {
@@ -103,13 +107,16 @@ def test_weeks_and_a_partial_last_period(sessions: sessionmaker[Session]) -> Non
     ]
 
 
-def test_lifetime_value_from_spend_frequency_and_yearly_churn(sessions: sessionmaker[Session]) -> None:
+@ASIDE
+def test_lifetime_value_from_spend_frequency_and_yearly_churn(
+    sessions: sessionmaker[Session], aside: int
+) -> None:
     business = Business(sessions)
     five_customers(business)
     # The year before last (to 1 Apr 2025): F and G came; in the last year only G came again.
     business.contact(visits=[day(2025, 3, 10)])
     business.contact(visits=[day(2025, 2, 1), day(2025, 6, 1)])
-    report = figures(sessions, retention.Costs(currency="EUR", margin_rate=Decimal("0.5")))
+    report = figures(sessions, retention.Costs(currency="EUR", margin_rate=Decimal("0.5")), aside=aside)
     assert report.churn_rate_per_year == pytest.approx(0.5)
     assert report.expected_lifetime_years == pytest.approx(2.0)
     (eur,) = report.money
@@ -150,9 +157,9 @@ def send(
     )
 
 
-@pytest.mark.parametrize("aside", [False, True], ids=["one session", "sends on a second session"])
+@ASIDE
 def test_cost_of_retention_per_retained_customer(
-    sessions: sessionmaker[Session], settings: Settings, aside: bool
+    sessions: sessionmaker[Session], settings: Settings, aside: int
 ) -> None:
     ids = five_customers(Business(sessions))
     with sessions.begin() as session:
@@ -205,7 +212,10 @@ def test_cancellation_requests_saved_and_satisfaction(sessions: sessionmaker[Ses
     assert (s["complaints"], s["complaints_open"]) == (2, 1)
 
 
-def test_early_warning_lists_customers_slipping_past_their_rhythm(sessions: sessionmaker[Session]) -> None:
+@ASIDE
+def test_early_warning_lists_customers_slipping_past_their_rhythm(
+    sessions: sessionmaker[Session], aside: int
+) -> None:
     business = Business(sessions)
     every_ten_days = [0, 10, 20, 30]
     # The report ends on 1 April 2026 at midnight.
@@ -220,7 +230,7 @@ def test_early_warning_lists_customers_slipping_past_their_rhythm(sessions: sess
         external_id="recent", visits=[day(2026, 3, 9) + dt.timedelta(days=d) for d in (0, 10, 20)]
     )
     business.contact(external_id="twice", visits=[day(2026, 1, 1), day(2026, 1, 11)])
-    report = figures(sessions)
+    report = figures(sessions, aside=aside)
     assert report.slipping_count == 2
     by_id = {row.external_id: row for row in report.slipping}
     assert set(by_id) == {"late", "just"}

@@ -734,7 +734,12 @@ def report_retention(
     """Retention and churn per period and cohort, lifetime value, cost of retention, saves, satisfaction."""
     settings, window, programme = _report_window(since, until, period, dt.datetime.now(dt.UTC).date())
     costs = retention.Costs.from_settings(settings, programme.rules.margin_rate)
-    with database_sessions(settings) as factory, factory() as session, factory() as aside:
+    with (
+        database_sessions(settings) as factory,
+        factory() as session,
+        factory() as sends,
+        factory() as rhythms,
+    ):
         figures = retention.report(
             session,
             window,
@@ -742,7 +747,7 @@ def report_retention(
             retention.offer_kinds(programme),
             lapsed_after=settings.lapsed_after,
             slipping_limit=slipping,
-            aside=aside,
+            aside=(sends, rhythms),
         )
     if as_json:
         typer.echo(json.dumps(figures.as_dict()))

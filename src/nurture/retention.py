@@ -31,13 +31,14 @@ figure is then a query over those tables, the feedback, the profiles and the led
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from decimal import Decimal
 from enum import StrEnum
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from sqlalchemy import (
     Column,
@@ -75,6 +76,8 @@ from nurture.models import (
 from nurture.programme import OfferKind, Programme
 from nurture.settings import Settings
 
+P = ParamSpec("P")
+T = TypeVar("T")
 DAY = 86400.0
 YEAR_DAYS = 365.25
 # Two gaps at least: one gap is a single interval, not yet a rhythm.
@@ -325,13 +328,19 @@ _SPEND = Table(
     # Its rows are found by their key alone: one b-tree, not a table and an index beside it.
     sqlite_with_rowid=False,
 )
-# Each customer's visits up to the end of the report, and up to a week before it.
+# The period of the first visit ever of each customer of the report (and of the period before it).
+_FIRST_VISITS = Table(
+    "retention_first",
+    MetaData(),
+    Column("contact_id", Integer, primary_key=True),
+    Column("first_period", Integer, nullable=False),
+    prefixes=["TEMPORARY"],
+)
+# Each customer's visits up to the end of the report: their rhythm, and whether they came in the last year.
 _CUSTOMERS = Table(
     "retention_customers",
     MetaData(),
     Column("contact_id", Integer, primary_key=True),
-    Column("first_period", Integer, nullable=False),
-    Column("first_at", UTCDateTime, nullable=False),
     Column("last_at", UTCDateTime, nullable=False),
     Column("visits", Integer, nullable=False),
     Column("first_epoch", Float, nullable=False),
@@ -352,7 +361,7 @@ _SENT = Table(
     prefixes=["TEMPORARY"],
     sqlite_with_rowid=False,
 )
-_TABLES = (_SPEND, _CUSTOMERS)
+_TABLES = (_SPEND, _FIRST_VISITS)
 YEAR = dt.timedelta(days=365)
 
 
@@ -364,16 +373,19 @@ def report(
     *,
     lapsed_after: float = 3.0,
     slipping_limit: int = 50,
-    aside: Session | None = None,
+    aside: Sequence[Session] = (),
 ) -> Report:
     """Compute every retention figure of ``window``; ``offers`` gives the kind of each touch's offer.
 
-    With ``aside``, a second session on the same database, the sends are summed up on it in a thread while
-    ``session`` sums the visits up: SQLite and PostgreSQL work on both at once, on two cores. Each session
-    reads what was committed when its transaction began.
+    ``aside`` may hold up to two more sessions on the same database: the sends, then each customer's rhythm
+    (the early warning and the yearly churn), are summed up on them in threads while ``session`` sums up the
+    visits of the window, so that SQLite and PostgreSQL work on two cores at once. Each session reads what
+    was committed when its transaction began.
     """
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="retention-sends") as thread:
-        sending = thread.submit(_sends, aside, window, offers, costs.currency) if aside else None
+    spare = list(aside)
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="retention") as threads:
+        sending = _started(threads, spare, session, _sends, window, offers, costs.currency)
+        rhythms = _started(threads, spare, session, _rhythms, window, lapsed_after, slipping_limit)
         connection = session.connection()
         if connection.dialect.name == "postgresql":
             # The visits of a year grouped in memory rather than in batches on disk, for this transaction.
@@ -388,13 +400,12 @@ def report(
         complete = [p for p in periods if not p.partial and p.base]
         base = sum(p.base for p in complete)
         churn = 1 - sum(p.retained for p in complete) / base if base else None
-        yearly = _yearly_churn(session, window)
-        lifetime = 1 / yearly if yearly else None
         totals = _totals(session, window)
-        slipping_count, slipping = _slipping(session, window, lapsed_after, slipping_limit)
         cancellations = _cancellations(session, window)
         satisfaction = _satisfaction(session, window)
-        sent = sending.result() if sending else _sends(session, window, offers, costs.currency)
+        yearly, (slipping_count, slipping) = rhythms()
+        lifetime = 1 / yearly if yearly else None
+        sent = sending()
         messages = _messages(sent)
         money = _money(session, window, costs, _incentive_costs(sent), messages, lifetime)
         timeline = _timeline(session, window, sent)
@@ -424,6 +435,51 @@ def report(
     )
 
 
+def _started(
+    threads: ThreadPoolExecutor,
+    spare: list[Session],
+    session: Session,
+    work: Callable[Concatenate[Session, P], T],
+    *arguments: P.args,
+    **options: P.kwargs,
+) -> Callable[[], T]:
+    """Start ``work`` on a spare session in a thread; without one, leave it to ``session``, when asked."""
+    if spare:
+        return threads.submit(work, spare.pop(0), *arguments, **options).result
+    return functools.partial(work, session, *arguments, **options)
+
+
+def _rhythms(
+    session: Session, window: Window, lapsed_after: float, slipping_limit: int
+) -> tuple[float | None, tuple[int, list[Slipping]]]:
+    """The yearly churn and the early warning, from each customer's visits up to the end of the window."""
+    connection = session.connection()
+    _CUSTOMERS.drop(connection, checkfirst=True)
+    _CUSTOMERS.create(connection)
+    first = func.min(Visit.occurred_at)
+    customers = (
+        select(
+            Visit.contact_id,
+            func.max(Visit.occurred_at).label("last_at"),
+            func.count().label("visits"),
+            db.epoch_seconds(first).label("first_epoch"),
+            db.epoch_seconds(func.max(Visit.occurred_at)).label("last_epoch"),
+            func.max(case((Visit.occurred_at < window.end - YEAR, Visit.occurred_at))).label(
+                "last_before_year"
+            ),
+        )
+        .where(Visit.occurred_at < window.end)
+        .group_by(Visit.contact_id)
+    )
+    session.execute(insert(_CUSTOMERS).from_select([c.name for c in customers.selected_columns], customers))
+    if connection.dialect.name == "postgresql":
+        # Autovacuum never sees temporary tables: without statistics the planner takes them for small.
+        session.execute(text(f"ANALYZE {_CUSTOMERS.name}"))
+    figures = _yearly_churn(session, window), _slipping(session, window, lapsed_after, slipping_limit)
+    _CUSTOMERS.drop(connection)
+    return figures
+
+
 def _yearly_churn(session: Session, window: Window) -> float | None:
     """Of the customers who visited in the year before last, the share who did not visit in the last year."""
     c = _CUSTOMERS.c
@@ -440,7 +496,7 @@ def _share(part: int, whole: int) -> float | None:
 
 
 def _fill(session: Session, window: Window) -> None:
-    """Sum the visits up into the two temporary tables: two scans of the visits' covering index."""
+    """Sum the visits of the window up per customer and period, and find those customers' first visits."""
     period = period_index(window.period, Visit.occurred_at)
     # The period before the first is the base of the first period's retention.
     begin = dt.datetime.combine(start_of(window.period, window.first - 1), dt.time(), tzinfo=dt.UTC)
@@ -454,33 +510,27 @@ def _fill(session: Session, window: Window) -> None:
         Visit.amount.label("revenue"),
     ).where(db.unindexed(Visit.occurred_at) >= begin, db.unindexed(Visit.occurred_at) < window.end)
     db.insert_summed(session, _SPEND, visits, keys=["contact_id", "period", "currency"])
-    first = func.min(Visit.occurred_at)
-    customers = (
-        select(
-            Visit.contact_id,
-            period_index(window.period, first).label("first_period"),
-            first.label("first_at"),
-            func.max(Visit.occurred_at).label("last_at"),
-            func.count().label("visits"),
-            db.epoch_seconds(first).label("first_epoch"),
-            db.epoch_seconds(func.max(Visit.occurred_at)).label("last_epoch"),
-            func.max(case((Visit.occurred_at < window.end - YEAR, Visit.occurred_at))).label(
-                "last_before_year"
-            ),
-        )
-        .where(Visit.occurred_at < window.end)
-        .group_by(Visit.contact_id)
+    # One look in the visits' index per customer: the first entry of each is their first visit.
+    each = select(_SPEND.c.contact_id).distinct().subquery()
+    first = (
+        select(period)
+        .where(Visit.contact_id == each.c.contact_id)
+        .order_by(Visit.occurred_at)
+        .limit(1)
+        .scalar_subquery()
     )
-    session.execute(insert(_CUSTOMERS).from_select([c.name for c in customers.selected_columns], customers))
+    session.execute(
+        insert(_FIRST_VISITS).from_select(["contact_id", "first_period"], select(each.c.contact_id, first))
+    )
     if session.get_bind().dialect.name == "postgresql":
         # Autovacuum never sees temporary tables: without statistics the planner takes them for small.
-        session.execute(text(f"ANALYZE {_SPEND.name}, {_CUSTOMERS.name}"))
+        session.execute(text(f"ANALYZE {_SPEND.name}, {_FIRST_VISITS.name}"))
 
 
 def _periods(session: Session, window: Window) -> list[PeriodFigures]:
     """Active, new, base and retained customers of each period of the window."""
     s, later = _SPEND.c, _SPEND.alias("later")
-    c = _CUSTOMERS.c
+    c = _FIRST_VISITS.c
     new: dict[int, int] = dict(
         session.execute(
             select(c.first_period, func.count())
@@ -524,7 +574,7 @@ def _periods(session: Session, window: Window) -> list[PeriodFigures]:
 
 def _cohorts(session: Session, window: Window) -> list[Cohort]:
     """Each cohort of the window and how many of it visited in each period since its first."""
-    c, s = _CUSTOMERS.c, _SPEND.c
+    c, s = _FIRST_VISITS.c, _SPEND.c
     age = s.period - c.first_period
     in_window = c.first_period.between(window.first, window.last)
     sizes: dict[int, int] = dict(
@@ -566,20 +616,20 @@ def _per_customer(window: Window, *by: Any) -> Any:
 
 def _retained(window: Window, visits: Any) -> ColumnElement[bool]:
     """A customer of the window who had visited before: before the window, or earlier within it."""
-    return or_(_CUSTOMERS.c.first_at < window.start, visits >= 2)
+    return or_(_FIRST_VISITS.c.first_period < window.first, visits >= 2)
 
 
 def _totals(session: Session, window: Window) -> dict[str, int]:
     """Customers of the window: all, those with two visits or more, the retained and the new."""
     each = _per_customer(window)
-    c = _CUSTOMERS.c
+    c = _FIRST_VISITS.c
     row = session.execute(
         select(
             func.count(),
             func.sum(case((each.c.visits >= 2, 1), else_=0)),
             func.sum(case((_retained(window, each.c.visits), 1), else_=0)),
-            func.sum(case((c.first_at >= window.start, 1), else_=0)),
-        ).join(_CUSTOMERS, c.contact_id == each.c.contact_id)
+            func.sum(case((c.first_period >= window.first, 1), else_=0)),
+        ).join(_FIRST_VISITS, c.contact_id == each.c.contact_id)
     ).one()
     customers, repeat, retained, new = (int(value or 0) for value in row)
     return {"customers": customers, "repeat": repeat, "retained": retained, "new": new}
@@ -678,7 +728,7 @@ def _money(
 ) -> list[Money]:
     """Revenue, lifetime value and cost of retention per currency."""
     each = _per_customer(window, _SPEND.c.currency)
-    c = _CUSTOMERS.c
+    c = _FIRST_VISITS.c
     rows = session.execute(
         select(
             each.c.currency,
@@ -687,7 +737,7 @@ def _money(
             func.sum(each.c.visits),
             func.sum(each.c.revenue),
         )
-        .join(_CUSTOMERS, c.contact_id == each.c.contact_id)
+        .join(_FIRST_VISITS, c.contact_id == each.c.contact_id)
         .group_by(each.c.currency)
         .order_by(func.count().desc(), each.c.currency)
     ).all()
