@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 from decimal import Decimal
@@ -34,19 +35,13 @@ def figures(
     **options: object,
 ) -> retention.Report:
     """The report of ``WINDOW``, with ``aside`` more sessions summing the sends and rhythms up in threads."""
-    with sessions() as session, sessions() as second, sessions() as third:
-        return retention.report(
-            session,
-            WINDOW,
-            costs,
-            OFFERS,
-            aside=(second, third)[:aside],
-            **options,  # type: ignore[arg-type]
-        )
+    with contextlib.ExitStack() as stack:
+        session, *others = (stack.enter_context(sessions()) for _ in range(1 + aside))
+        return retention.report(session, WINDOW, costs, OFFERS, aside=others, **options)  # type: ignore[arg-type]
 
 
-# The report on one session, and with the sends and the customers' rhythms summed up on two more at once.
-ASIDE = pytest.mark.parametrize("aside", [0, 2], ids=["one session", "three sessions"])
+# On one session; with one more (the sends, then the rhythms, on it); three more (the sends in three parts).
+ASIDE = pytest.mark.parametrize("aside", [0, 1, 3], ids=["one session", "two sessions", "four sessions"])
 
 
 OFFERS = {

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import queue
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -59,6 +60,7 @@ from sqlalchemy import (
     select,
     text,
 )
+from sqlalchemy.engine import Row
 from sqlalchemy.orm import Session
 
 from nurture import db
@@ -377,19 +379,25 @@ def report(
 ) -> Report:
     """Compute every retention figure of ``window``; ``offers`` gives the kind of each touch's offer.
 
-    ``aside`` may hold up to two more sessions on the same database: the sends, then each customer's rhythm
-    (the early warning and the yearly churn), are summed up on them in threads while ``session`` sums up the
-    visits of the window, so that SQLite and PostgreSQL work on two cores at once. Each session reads what
-    was committed when its transaction began.
+    ``aside`` may hold more sessions on the same database: the sends, cut in as many parts, then each
+    customer's rhythm (the early warning and the yearly churn) are summed up on them in threads while
+    ``session`` sums up the visits of the window, so that SQLite and PostgreSQL work on several cores at
+    once. Each session reads what was committed when its transaction began.
     """
-    spare = list(aside)
-    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="retention") as threads:
-        sending = _started(threads, spare, session, _sends, window, offers, costs.currency)
+    connection = session.connection()
+    if connection.dialect.name == "postgresql":
+        # The visits of a year grouped in memory rather than in batches on disk, for this transaction.
+        session.execute(text("SET LOCAL work_mem = '256MB'"))
+    free: queue.SimpleQueue[Session] = queue.SimpleQueue()
+    for other in aside:
+        free.put(other)
+    spare = free if aside else None
+    with ThreadPoolExecutor(max_workers=max(len(aside), 1), thread_name_prefix="retention") as threads:
+        sending = [
+            _started(threads, spare, session, _sends, window, offers, costs.currency, ids)
+            for ids in _id_ranges(session, max(len(aside), 1))
+        ]
         rhythms = _started(threads, spare, session, _rhythms, window, lapsed_after, slipping_limit)
-        connection = session.connection()
-        if connection.dialect.name == "postgresql":
-            # The visits of a year grouped in memory rather than in batches on disk, for this transaction.
-            session.execute(text("SET LOCAL work_mem = '256MB'"))
         for table in _TABLES:
             table.drop(connection, checkfirst=True)
             table.create(connection)
@@ -405,7 +413,7 @@ def report(
         satisfaction = _satisfaction(session, window)
         yearly, (slipping_count, slipping) = rhythms()
         lifetime = 1 / yearly if yearly else None
-        sent = sending()
+        sent = _combined([part() for part in sending])
         messages = _messages(sent)
         money = _money(session, window, costs, _incentive_costs(sent), messages, lifetime)
         timeline = _timeline(session, window, sent)
@@ -437,16 +445,34 @@ def report(
 
 def _started(
     threads: ThreadPoolExecutor,
-    spare: list[Session],
+    spare: queue.SimpleQueue[Session] | None,
     session: Session,
     work: Callable[Concatenate[Session, P], T],
     *arguments: P.args,
     **options: P.kwargs,
 ) -> Callable[[], T]:
-    """Start ``work`` on a spare session in a thread; without one, leave it to ``session``, when asked."""
-    if spare:
-        return threads.submit(work, spare.pop(0), *arguments, **options).result
-    return functools.partial(work, session, *arguments, **options)
+    """Start ``work`` in a thread on the first spare session free; without any, leave it to ``session``."""
+    if spare is None:
+        return functools.partial(work, session, *arguments, **options)
+    queued = spare
+
+    def on_spare() -> T:
+        other = queued.get()
+        try:
+            return work(other, *arguments, **options)
+        finally:
+            queued.put(other)
+
+    return threads.submit(on_spare).result
+
+
+def _id_ranges(session: Session, parts: int) -> list[tuple[int, int]]:
+    """The sends' ids cut into ``parts`` ranges of as many ids each: (lowest, highest) of each."""
+    # Two queries: SQLite reads a lone min or max from one end of the table, both together from all of it.
+    lowest = session.scalar(select(func.min(Send.id))) or 0
+    highest = session.scalar(select(func.max(Send.id))) or 0
+    step = (highest - lowest) // parts + 1
+    return [(start, min(start + step - 1, highest)) for start in range(lowest, highest + 1, step)]
 
 
 def _rhythms(
@@ -454,6 +480,9 @@ def _rhythms(
 ) -> tuple[float | None, tuple[int, list[Slipping]]]:
     """The yearly churn and the early warning, from each customer's visits up to the end of the window."""
     connection = session.connection()
+    if connection.dialect.name == "postgresql":
+        # Every visit grouped per customer in memory rather than in batches on disk, for this transaction.
+        session.execute(text("SET LOCAL work_mem = '256MB'"))
     _CUSTOMERS.drop(connection, checkfirst=True)
     _CUSTOMERS.create(connection)
     first = func.min(Visit.occurred_at)
@@ -635,11 +664,13 @@ def _totals(session: Session, window: Window) -> dict[str, int]:
     return {"customers": customers, "repeat": repeat, "retained": retained, "new": new}
 
 
-def _sent_in(window: Window) -> ColumnElement[bool]:
-    # One pass over the table in the order of its ids (all of them): SQLite would otherwise walk the
+def _sent_in(window: Window, ids: tuple[int, int]) -> ColumnElement[bool]:
+    # One pass over the table in the order of its ids (a range of them): SQLite would otherwise walk the
     # attribution index, which lacks the segments, and look every send up in the table in no order.
     status, sent_at = db.unindexed(Send.status), db.unindexed(Send.sent_at)
-    return and_(Send.id > 0, status == SendStatus.SENT, sent_at >= window.start, sent_at < window.end)
+    return and_(
+        Send.id.between(*ids), status == SendStatus.SENT, sent_at >= window.start, sent_at < window.end
+    )
 
 
 @dataclass(frozen=True)
@@ -655,9 +686,16 @@ class _Sent:
 
 
 def _sends(
-    session: Session, window: Window, offers: Mapping[str, OfferKind], default_currency: str
-) -> list[_Sent]:
-    """One pass over the sends of the window: how many went out, and what their offers could cost."""
+    session: Session,
+    window: Window,
+    offers: Mapping[str, OfferKind],
+    default_currency: str,
+    ids: tuple[int, int],
+) -> list[Row[*tuple[Any, ...]]]:
+    """One pass over the sends of the window with ``ids``: how many went out, what their offers could cost.
+
+    Per period, channel ('' for none) and currency; the costs not rounded yet, so that parts add up exactly.
+    """
     by_kind = defaultdict(list)
     for touch, kind in offers.items():
         by_kind[kind].append(touch)
@@ -681,7 +719,7 @@ def _sends(
         .select_from(Send)
         # Only the sends with an offer look their contact's profile up: the rest cost nothing.
         .outerjoin(p, and_(p.contact_id == Send.contact_id, Send.incentive.is_not(None)))
-        .where(_sent_in(window))
+        .where(_sent_in(window, ids))
     )
     connection = session.connection()
     if connection.dialect.name == "sqlite":
@@ -690,9 +728,23 @@ def _sends(
     rows = db.summed(session, sends, keys=["period", "channel", "currency"], scratch=_SENT)
     if connection.dialect.name == "sqlite":
         _SENT.drop(connection)
+    return list(rows)
+
+
+def _combined(parts: Sequence[Sequence[Row[*tuple[Any, ...]]]]) -> list[_Sent]:
+    """The parts of the sends' pass added up, in the order of their period, channel and currency."""
+    summed: dict[tuple[int, str, str], tuple[int, int, Decimal]] = {}
+    for rows in parts:
+        for index, channel, code, count, segments, amount in rows:
+            before = summed.get((index, channel, code), (0, 0, Decimal(0)))
+            summed[(index, channel, code)] = (
+                before[0] + count,
+                before[1] + segments,
+                before[2] + Decimal(str(amount or 0)),
+            )
     return [
-        _Sent(index, Channel(channel) if channel else None, code, count, segments, _money_value(amount))
-        for index, channel, code, count, segments, amount in rows
+        _Sent(index, Channel(channel) if channel else None, code, count, segments, _money_value(cost))
+        for (index, channel, code), (count, segments, cost) in sorted(summed.items())
     ]
 
 
