@@ -1,10 +1,11 @@
 """Retention: the figures a business asks for about keeping its customers, computed in SQL.
 
 A report covers whole periods (UTC calendar months by default; Monday weeks or quarters on request) from
-the one holding ``since`` to the one holding ``until``, the last one up to the end of ``until``. Two scans
-of the visits fill temporary tables private to the session's connection: each customer's visits and spend
-per period and currency over the report, and each customer's first and last visit up to its end. Every
-figure is then a query over those tables, the feedback, the profiles and the ledger:
+the one holding ``since`` to the one holding ``until``, the last one up to the end of ``until``. Passes
+over the visits fill temporary tables private to a session's connection: each customer's visits and spend
+per period and currency over the report, with the period of their first visit; each customer's first and
+last visit up to its end. Every figure is then a query over those tables, the feedback, the profiles and
+the ledger; the passes over the sends and over every visit can run on more sessions at once:
 
 - retention rate of a period: of the customers who visited in the previous period, the share who visited
   in this one; churn rate = 1 - retention rate. Per cohort (the period of a customer's first visit ever):
@@ -61,6 +62,7 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.engine import Row
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from nurture import db
@@ -386,8 +388,7 @@ def report(
     """
     connection = session.connection()
     if connection.dialect.name == "postgresql":
-        # The visits of a year grouped in memory rather than in batches on disk, for this transaction.
-        session.execute(text("SET LOCAL work_mem = '256MB'"))
+        _in_memory(session)
     free: queue.SimpleQueue[Session] = queue.SimpleQueue()
     for other in aside:
         free.put(other)
@@ -443,6 +444,20 @@ def report(
     )
 
 
+def _in_memory(session: Session) -> None:
+    """Let PostgreSQL group and keep the report's temporary tables in memory, for this transaction."""
+    # Every visit of a year grouped in memory rather than in batches on disk.
+    session.execute(text("SET LOCAL work_mem = '256MB'"))
+    # Temporary tables live in each connection's own buffers, 8 MB by default: at 10 million visits the
+    # per-period table is 300 MB, and with 8 MB the report took 100 s instead of 64. PostgreSQL refuses the
+    # change once the connection has touched a temporary table; it then keeps the size it had.
+    try:
+        with session.begin_nested():
+            session.execute(text("SET LOCAL temp_buffers = '512MB'"))
+    except DBAPIError:
+        pass
+
+
 def _started(
     threads: ThreadPoolExecutor,
     spare: queue.SimpleQueue[Session] | None,
@@ -481,8 +496,7 @@ def _rhythms(
     """The yearly churn and the early warning, from each customer's visits up to the end of the window."""
     connection = session.connection()
     if connection.dialect.name == "postgresql":
-        # Every visit grouped per customer in memory rather than in batches on disk, for this transaction.
-        session.execute(text("SET LOCAL work_mem = '256MB'"))
+        _in_memory(session)
     _CUSTOMERS.drop(connection, checkfirst=True)
     _CUSTOMERS.create(connection)
     first = func.min(Visit.occurred_at)
