@@ -582,17 +582,28 @@ def _periods(session: Session, window: Window) -> list[PeriodFigures]:
         ).all()
     )
     # One pass: the customers of each period are the active ones of that period and the base of the next.
-    each = (
-        select(s.contact_id, s.period)
-        .where(s.period.between(window.first - 1, window.last))
-        .distinct()
-        .subquery()
-    )
-    came_again = exists().where(later.c.contact_id == each.c.contact_id, later.c.period == each.c.period + 1)
+    pairs = select(s.contact_id, s.period).where(s.period.between(window.first - 1, window.last)).distinct()
+    if session.get_bind().dialect.name == "postgresql":
+        # Joined to themselves a period on: looking each pair up in the table, as SQLite does faster, reads
+        # the heap too (a temporary table has no visibility map), 14.5 s instead of 8 at 10 million visits.
+        each = pairs.cte("each")
+        after = each.alias("after")
+        next_one = and_(after.c.contact_id == each.c.contact_id, after.c.period == each.c.period + 1)
+        counted = (
+            select(each.c.period, func.count(), func.count(after.c.contact_id))
+            .select_from(each.outerjoin(after, next_one))
+            .group_by(each.c.period)
+        )
+    else:
+        listed = pairs.subquery()
+        came_again = exists().where(
+            later.c.contact_id == listed.c.contact_id, later.c.period == listed.c.period + 1
+        )
+        counted = select(listed.c.period, func.count(), func.sum(case((came_again, 1), else_=0))).group_by(
+            listed.c.period
+        )
     active, bases = {}, {}
-    for period, customers, retained in session.execute(
-        select(each.c.period, func.count(), func.sum(case((came_again, 1), else_=0))).group_by(each.c.period)
-    ):
+    for period, customers, retained in session.execute(counted):
         active[period] = customers
         bases[period + 1] = (customers, retained)
     figures = []
