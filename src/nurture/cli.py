@@ -882,8 +882,13 @@ def report_html(
     """Write one self-contained HTML file with the charts: opens anywhere, without a network."""
     now = dt.datetime.now(dt.UTC)
     settings, window, programme = _report_window(since, until, period, now.date())
-    with database_sessions(settings) as factory, factory() as session:
-        page = html_report.build(session, window, settings, programme, now=now)
+    with (
+        database_sessions(settings) as factory,
+        factory() as session,
+        factory() as sends,
+        factory() as rhythms,
+    ):
+        page = html_report.build(session, window, settings, programme, now=now, aside=(sends, rhythms))
     out.write_text(page, encoding="utf-8")
     console.print(f"report written to {out}; it opens in any browser, without a network", soft_wrap=True)
 

@@ -45,8 +45,13 @@ def build(
     *,
     now: dt.datetime,
     title: str = "Retention report",
+    aside: Sequence[Session] = (),
 ) -> str:
-    """Compute the figures of ``window`` and give the whole HTML report as text."""
+    """Compute the figures of ``window`` and give the whole HTML report as text.
+
+    ``aside``: more sessions on the same database, which the retention figures work on at the same time
+    (see ``retention.report``).
+    """
     costs = retention.Costs.from_settings(settings, programme.rules.margin_rate)
     measured = attribution.report(session, settings, programme, now=now, since=window.start, until=window.end)
     return page(
@@ -57,6 +62,7 @@ def build(
         lifts=lifts_of(measured),
         now=now,
         title=title,
+        aside=aside,
     )
 
 
@@ -86,9 +92,10 @@ def page(
     lifts: Sequence[Lift] = (),
     title: str,
     now: dt.datetime,
+    aside: Sequence[Session] = (),
 ) -> str:
     """The report page of ``window``, with the lifts measured elsewhere."""
-    figures = retention.report(session, window, costs, offers, slipping_limit=20)
+    figures = retention.report(session, window, costs, offers, slipping_limit=20, aside=aside)
     currency = _main_currency(figures, costs.currency)
     data = {
         "title": title,
