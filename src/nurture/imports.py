@@ -79,6 +79,8 @@ CONTACT_COLUMNS = (
 )
 _KNOWN_CONTACT_COLUMNS = frozenset(CONTACT_COLUMNS)
 CONSENT_COLUMNS = {"email_consent": Channel.EMAIL, "sms_consent": Channel.SMS}
+# Stored as they come on the contact's row; the key, the tags and the consents are handled apart.
+_CONTACT_FIELDS = tuple(c for c in CONTACT_COLUMNS if c not in {"external_id", "tags", *CONSENT_COLUMNS})
 SCORE_RANGES = {FeedbackKind.NPS: range(0, 11), FeedbackKind.CSAT: range(1, 6)}
 RESOLVABLE_KINDS = frozenset({FeedbackKind.COMPLAINT, FeedbackKind.CANCEL_REQUEST})
 MAX_AMOUNT = Decimal("9999999999.99")
@@ -773,19 +775,6 @@ def _write_contacts(session: Session, records: list[Record], run: _Run) -> None:
         if tag_rows:
             session.execute(insert(ContactTag), tag_rows)
     _record_consents(session, run, ids, consents, consent_changes)
-
-
-_CONTACT_FIELDS = (
-    "first_name",
-    "last_name",
-    "email",
-    "phone",
-    "country",
-    "locale",
-    "timezone",
-    "birthday",
-    "referred_by",
-)
 
 
 def _stored_email(existing: dict[str, Any], row: _ContactRow) -> str | None:
