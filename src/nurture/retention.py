@@ -1027,6 +1027,8 @@ def _timeline(session: Session, window: Window, sent: list[_Sent]) -> list[Momen
         select(sp.period, sp.currency, func.sum(sp.visits), func.sum(sp.revenue))
         .where(sp.period.between(window.first, window.last))
         .group_by(sp.period, sp.currency)
+        # Each period's currencies in the same order on every database (PostgreSQL groups by hashing).
+        .order_by(sp.period, sp.currency)
     ):
         visits[index] += int(count)
         revenue[index][currency] = _money_value(amount)
