@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from nurture import profiles, retention
 from nurture.cli import app
-from nurture.models import Channel, FeedbackKind, Send, SendCategory, SendStatus
+from nurture.models import Channel, FeedbackKind, Send, SendCategory, SendStatus, Visit
 from nurture.programme import OfferKind
 from nurture.settings import Settings
 
@@ -86,6 +86,39 @@ def test_cohorts_count_who_came_back_in_each_later_month(sessions: sessionmaker[
     five_customers(Business(sessions))
     cohorts = {c.cohort: (c.customers, c.active) for c in figures(sessions).cohorts}
     assert cohorts == {"2026-01": (2, [2, 1, 0]), "2026-02": (0, [0, 0]), "2026-03": (1, [1])}
+
+
+def test_a_customer_counts_once_a_month_whatever_they_paid_in_and_however_long_ago_they_first_came(
+    sessions: sessionmaker[Session],
+) -> None:
+    business = Business(sessions)
+    # H first came in June 2025, long before the report, then in February: not new, and retained.
+    business.contact(visits=[day(2025, 6, 1), day(2026, 2, 10)])
+    # I came new in January and paid in euros and in reais, then in February in reais.
+    i = business.contact(visits=[day(2026, 1, 10)])
+    with sessions.begin() as session:
+        for n, moment in enumerate([day(2026, 1, 20), day(2026, 2, 5)]):
+            session.add(
+                Visit(
+                    external_id=f"brl-{n}",
+                    contact_id=i,
+                    occurred_at=moment,
+                    amount=Decimal("200.00"),
+                    currency="BRL",
+                    created_at=moment,
+                )
+            )
+    report = figures(sessions)
+    rows = [(p.period, p.active, p.new, p.base, p.retained) for p in report.periods]
+    assert rows == [
+        ("2026-01", 1, 1, 0, 0),  # I, new; nobody came in December
+        ("2026-02", 2, 0, 1, 1),  # H and I; of January's I: I
+        ("2026-03", 0, 0, 2, 0),
+    ]
+    cohorts = {c.cohort: (c.customers, c.active) for c in report.cohorts}
+    assert cohorts == {"2026-01": (1, [1, 1, 0]), "2026-02": (0, [0, 0]), "2026-03": (0, [0])}
+    assert (report.customers, report.new_customers, report.retained_customers) == (2, 1, 2)
+    assert [(m.currency, m.customers, m.visits) for m in report.money] == [("EUR", 2, 2), ("BRL", 1, 2)]
 
 
 def test_weeks_and_a_partial_last_period(sessions: sessionmaker[Session]) -> None:

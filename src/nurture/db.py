@@ -31,6 +31,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.expression import ClauseElement, Executable
 from sqlalchemy.sql.functions import FunctionElement
 from sqlalchemy.types import Float, Integer, String
 
@@ -263,6 +264,26 @@ def summed(
         return session.execute(_grouped(rows, keys)).all()
     insert_summed(session, scratch, rows, keys)
     return session.execute(select(scratch)).all()
+
+
+class create_table_as(Executable, ClauseElement):
+    """``CREATE TABLE table AS rows``, with the table's prefixes (``TEMPORARY``) and the columns of ``rows``.
+
+    PostgreSQL reads the rows with parallel workers, which an ``INSERT ... SELECT`` cannot use.
+    """
+
+    inherit_cache = False
+
+    def __init__(self, table: Table, rows: Select[*tuple[Any, ...]]) -> None:
+        self.table = table
+        self.rows = rows
+
+
+@compiles(create_table_as)
+def _create_table_as(element: create_table_as, compiler: SQLCompiler, **kw: Any) -> str:
+    prefixes = "".join(f"{prefix} " for prefix in element.table._prefixes)
+    name = compiler.preparer.format_table(element.table)
+    return f"CREATE {prefixes}TABLE {name} AS {compiler.process(element.rows, **kw)}"
 
 
 def _grouped(rows: Select[*tuple[Any, ...]], keys: Sequence[str]) -> Select[*tuple[Any, ...]]:

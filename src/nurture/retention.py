@@ -54,6 +54,7 @@ from sqlalchemy import (
     Table,
     and_,
     case,
+    cast,
     exists,
     func,
     insert,
@@ -329,6 +330,11 @@ _SPEND = Table(
     Column("currency", String(3), nullable=False),
     Column("visits", Integer, nullable=False),
     Column("revenue", Numeric(16, 2), nullable=False),
+    # PostgreSQL only, filled in the same pass: the period of the customer's row before this one (the same
+    # period in another currency, an earlier one, NULL on their first row of the report) and their first
+    # visit ever. SQLite leaves them empty.
+    Column("previous", Integer),
+    Column("first_at", UTCDateTime),
     # SQLite adds each visit to its key's row (an upsert on the key). PostgreSQL inserts the rows already
     # grouped and joins by hashing: the key's index would only be upkeep, 3 million entries at 10 million
     # visits.
@@ -406,7 +412,7 @@ def report(
         rhythms = _started(threads, spare, session, _rhythms, window, lapsed_after, slipping_limit)
         for table in _TABLES:
             table.drop(connection, checkfirst=True)
-            table.create(connection)
+        _FIRST_VISITS.create(connection)
         # Not dropped when a query fails: the caller's rollback undoes their creation with the rest.
         _fill(session, window)
         periods = _periods(session, window)
@@ -548,6 +554,10 @@ def _fill(session: Session, window: Window) -> None:
     period = period_index(window.period, Visit.occurred_at)
     # The period before the first is the base of the first period's retention.
     begin = dt.datetime.combine(start_of(window.period, window.first - 1), dt.time(), tzinfo=dt.UTC)
+    if session.get_bind().dialect.name == "postgresql":
+        _fill_in_order(session, window, begin)
+        return
+    _SPEND.create(session.connection())
     # Read from the covering index in contact order: through the date index, each visit of the window
     # would be a lookup in the table.
     visits = select(
@@ -570,9 +580,61 @@ def _fill(session: Session, window: Window) -> None:
     session.execute(
         insert(_FIRST_VISITS).from_select(["contact_id", "first_period"], select(each.c.contact_id, first))
     )
-    if session.get_bind().dialect.name == "postgresql":
-        # Autovacuum never sees temporary tables: without statistics the planner takes them for small.
-        session.execute(text(f"ANALYZE {_SPEND.name}, {_FIRST_VISITS.name}"))
+
+
+def _fill_in_order(session: Session, window: Window, begin: dt.datetime) -> None:
+    """``_fill`` on PostgreSQL: one parallel pass over every visit up to the end, in the index's order.
+
+    Each customer's visits come one after another, in time: grouped per customer, period and currency as
+    they come, with those before ``begin`` in one group per currency that gives the first visit ever; each
+    row then learns the period of the customer's row before it, from which retention per period is a count.
+    """
+    in_range = Visit.occurred_at >= begin
+    grouped = (
+        select(
+            Visit.contact_id,
+            case((in_range, period_index(window.period, Visit.occurred_at))).label("period"),
+            Visit.currency,
+            func.count().label("visits"),
+            func.sum(Visit.amount).label("revenue"),
+            func.min(Visit.occurred_at).label("first_at"),
+        )
+        .where(Visit.occurred_at < window.end)
+        .group_by(Visit.contact_id, "period", Visit.currency)
+        .subquery()
+    )
+    # Ordered as the groups come out, so that no second sort is needed; the earlier visits' group (its
+    # period NULL) comes last, and the whole frame lets each row see it.
+    customer = {
+        "partition_by": grouped.c.contact_id,
+        "order_by": (grouped.c.period, grouped.c.currency),
+        "rows": (None, None),
+    }
+    rows = select(
+        grouped.c.contact_id,
+        grouped.c.period,
+        grouped.c.currency,
+        cast(grouped.c.visits, Integer).label("visits"),
+        cast(grouped.c.revenue, Numeric(16, 2)).label("revenue"),
+        func.lag(grouped.c.period).over(**customer).label("previous"),  # type: ignore[arg-type]
+        func.min(grouped.c.first_at).over(**customer).label("first_at"),  # type: ignore[arg-type]
+    ).subquery()
+    # Grouping by hashing would hold every group at once, half a GB for the numeric sums of 1.3 million
+    # and then spill to disk (18 s instead of 8 at 10 million visits); in the index's order each group is
+    # done when the next one starts.
+    hashing = session.scalar(text("SHOW enable_hashagg"))
+    session.execute(text("SET LOCAL enable_hashagg = off"))
+    session.execute(db.create_table_as(_SPEND, select(rows).where(rows.c.period.is_not(None))))
+    session.execute(text(f"SET LOCAL enable_hashagg = {'on' if hashing == 'on' else 'off'}"))
+    s = _SPEND.c
+    session.execute(
+        insert(_FIRST_VISITS).from_select(
+            ["contact_id", "first_period"],
+            select(s.contact_id, period_index(window.period, s.first_at)).where(s.previous.is_(None)),
+        )
+    )
+    # Autovacuum never sees temporary tables: without statistics the planner takes them for small.
+    session.execute(text(f"ANALYZE {_SPEND.name}, {_FIRST_VISITS.name}"))
 
 
 def _periods(session: Session, window: Window) -> list[PeriodFigures]:
@@ -586,31 +648,35 @@ def _periods(session: Session, window: Window) -> list[PeriodFigures]:
             .group_by(c.first_period)
         ).all()
     )
-    # One pass: the customers of each period are the active ones of that period and the base of the next.
-    pairs = select(s.contact_id, s.period).where(s.period.between(window.first - 1, window.last)).distinct()
+    in_range = s.period.between(window.first - 1, window.last)
+    active: dict[int, int] = {}
+    bases: dict[int, tuple[int, int]] = {}
     if session.get_bind().dialect.name == "postgresql":
-        # Joined to themselves a period on: looking each pair up in the table, as SQLite does faster, reads
-        # the heap too (a temporary table has no visibility map), 14.5 s instead of 8 at 10 million visits.
-        each = pairs.cte("each")
-        after = each.alias("after")
-        next_one = and_(after.c.contact_id == each.c.contact_id, after.c.period == each.c.period + 1)
-        counted = (
-            select(each.c.period, func.count(), func.count(after.c.contact_id))
-            .select_from(each.outerjoin(after, next_one))
-            .group_by(each.c.period)
-        )
+        # A customer's first row of a period is the one whose previous row is of another period (or none):
+        # it counts them as active there, and as retained from the period before when that is the previous
+        # row's. One pass over the table, no join: 0.7 s instead of 9 at 10 million visits.
+        came = func.count().filter(s.previous.is_distinct_from(s.period))
+        stayed = func.count().filter(s.previous == s.period - 1)
+        retained_in = {}
+        for period, customers, retained in session.execute(
+            select(s.period, came, stayed).where(in_range).group_by(s.period)
+        ):
+            active[period] = customers
+            retained_in[period] = retained
+        for period, customers in active.items():
+            bases[period + 1] = (customers, retained_in.get(period + 1, 0))
     else:
-        listed = pairs.subquery()
+        # One pass: the customers of each period are the active ones of that period and the base of the next.
+        listed = select(s.contact_id, s.period).where(in_range).distinct().subquery()
         came_again = exists().where(
             later.c.contact_id == listed.c.contact_id, later.c.period == listed.c.period + 1
         )
         counted = select(listed.c.period, func.count(), func.sum(case((came_again, 1), else_=0))).group_by(
             listed.c.period
         )
-    active, bases = {}, {}
-    for period, customers, retained in session.execute(counted):
-        active[period] = customers
-        bases[period + 1] = (customers, retained)
+        for period, customers, retained in session.execute(counted):
+            active[period] = customers
+            bases[period + 1] = (customers, retained)
     figures = []
     for index in range(window.first, window.last + 1):
         base, retained = bases.get(index, (0, 0))
