@@ -400,6 +400,10 @@ def report(
     connection = session.connection()
     if connection.dialect.name == "postgresql":
         _in_memory(session)
+        for other in aside:
+            # The more sessions already share the sends out, a part each: parallel workers for each part too
+            # would only take cores from this session's pass over the visits, which uses them better.
+            other.execute(text("SET LOCAL max_parallel_workers_per_gather = 0"))
     free: queue.SimpleQueue[Session] = queue.SimpleQueue()
     for other in aside:
         free.put(other)
