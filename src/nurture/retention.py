@@ -676,7 +676,7 @@ def _periods(session: Session, window: Window) -> list[PeriodFigures]:
     if session.get_bind().dialect.name == "postgresql":
         # A customer's first row of a period is the one whose previous row is of another period (or none):
         # it counts them as active there, and as retained from the period before when that is the previous
-        # row's. One pass over the table, no join: 0.7 s instead of 9 at 10 million visits.
+        # row's. One pass over the table, no join: 0.6 s instead of 8.9 at 10 million visits.
         came = func.count().filter(s.previous.is_distinct_from(s.period))
         stayed = func.count().filter(s.previous == s.period - 1)
         retained_in = {}
