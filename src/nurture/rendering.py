@@ -43,12 +43,15 @@ from jinja2 import (
     Template,
     TemplateNotFound,
     TemplateSyntaxError,
+    nodes,
     pass_context,
     select_autoescape,
 )
+from jinja2.compiler import CodeGenerator, Frame
 from jinja2.environment import TemplateModule
-from jinja2.runtime import Context
+from jinja2.runtime import Context, Macro
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+from markupsafe import escape as escape_markup
 
 from nurture.errors import TemplateError
 from nurture.models import Channel
@@ -79,7 +82,7 @@ class RenderedMessage:
 @dataclass(frozen=True, slots=True)
 class _Resolved:
     locale: str
-    format_locale: Locale
+    format_locale: str  # babel's identifier of the locale dates and money are formatted in
     templates: tuple[Template, ...]
     main: str
 
@@ -116,10 +119,17 @@ class Renderer:
     ) -> RenderedMessage:
         """Render ``touch`` for one recipient on ``channel`` in ``locale`` (or its fallback)."""
         resolved = self._resolved.get((touch, channel, locale)) or self._resolve(touch, channel, locale)
-        variables = {**context, "locale": str(resolved.format_locale), "template_locale": resolved.locale}
+        # One set of variables for the message's templates, made the way Template.render makes it for
+        # each of them (the environment's globals, then the context): Jinja would copy it twice each.
+        variables = {
+            **self.environment.globals,
+            **context,
+            "locale": resolved.format_locale,
+            "template_locale": resolved.locale,
+        }
         token = _format_locale.set(resolved.format_locale)
         try:
-            parts = [template.render(variables) for template in resolved.templates]
+            parts = [self._render(template, variables) for template in resolved.templates]
         except Exception as exc:
             raise self._error(exc, touch, resolved.locale, resolved.main) from exc
         finally:
@@ -168,9 +178,18 @@ class Renderer:
         requested = _normalise(locale)
         # Format dates and money the contact's regional way only when the words are in their language.
         format_as = requested if requested.split("_")[0] == used.split("_")[0] else used
-        resolved = _Resolved(used, _babel_locale(format_as), templates, f"{MESSAGES}/{touch}/{used}/{main}")
+        resolved = _Resolved(
+            used, str(_babel_locale(format_as)), templates, f"{MESSAGES}/{touch}/{used}/{main}"
+        )
         self._resolved[(touch, channel, locale)] = resolved
         return resolved
+
+    def _render(self, template: Template, variables: dict[str, Any]) -> str:
+        try:
+            return "".join(template.root_render_func(template.new_context(variables, shared=True)))
+        except Exception:
+            # As Template.render does: the traceback then points at the template's file and line.
+            self.environment.handle_exception()
 
     # Errors: name the file and line a person has to open.
 
@@ -232,15 +251,102 @@ def _fallbacks(locale: str, default: str) -> tuple[str, ...]:
 
 
 def _tidy_text(text: str) -> str:
-    lines = [line.rstrip() for line in text.strip().splitlines()]
-    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)) + "\n"
+    # Lines without trailing spaces, at most one blank line in a row. (A regular expression collapsing
+    # the runs of newlines cost three times this loop: as much as rendering the text part's layout.)
+    lines: list[str] = []
+    blank = False
+    for line in text.strip().splitlines():
+        line = line.rstrip()
+        if line or not blank:
+            lines.append(line)
+        blank = not line
+    return "\n".join(lines) + "\n"
 
 
 # The environment: sandboxed, strict, autoescaped for HTML only, with the locale's filters.
 
 
+class _CodeGenerator(CodeGenerator):
+    """Jinja's compiler, printing each ``{{ value }}`` through one call instead of two."""
+
+    # Jinja compiles ``{{ value }}`` to ``escape(environment.finalize(value))`` (``str(...)`` where not
+    # autoescaped); an email prints twenty or so values, and each call and each Markup made costs.
+
+    def _output_child_pre(self, node: nodes.Expr, frame: Frame, finalize: Any) -> None:
+        if _fused(frame, finalize):
+            self.write("environment.print_html(" if frame.eval_ctx.autoescape else "environment.print_text(")
+        else:
+            super()._output_child_pre(node, frame, finalize)
+
+    def _output_child_post(self, node: nodes.Expr, frame: Frame, finalize: Any) -> None:
+        if _fused(frame, finalize):
+            self.write(")")
+        else:
+            super()._output_child_post(node, frame, finalize)
+
+
+def _fused(frame: Frame, finalize: Any) -> bool:
+    # Inside {% autoescape %} blocks the choice is made at render time: Jinja's own code is kept there.
+    return not frame.eval_ctx.volatile and finalize.src == "environment.finalize("
+
+
+_NEEDS_ESCAPE: Final = re.compile("[&<>\"']").search
+
+
+def _print_html(value: Any) -> Any:
+    """``escape(_blank_none(value))``: a string with nothing to escape is printed as it is."""
+    if type(value) is str:
+        return escape_markup(value) if _NEEDS_ESCAPE(value) else value
+    return "" if value is None else escape_markup(value)
+
+
+def _print_text(value: Any) -> str:
+    """``str(_blank_none(value))``."""
+    if type(value) is str:
+        return value
+    return "" if value is None else str(value)
+
+
 class _Environment(ImmutableSandboxedEnvironment):
     """The sandbox, with each template's globals as a plain dict."""
+
+    code_generator_class = _CodeGenerator
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        # Plain functions in the instance, so that the compiled templates call them without binding.
+        self.print_html = _print_html
+        self.print_text = _print_text
+        self._loaded: dict[tuple[str, str | None], Template] = {}
+
+    def get_template(
+        self,
+        name: str | Template,
+        parent: str | None = None,
+        globals: MutableMapping[str, Any] | None = None,
+    ) -> Template:
+        # Each email looks its layout and partial up four to six times: templates are never reloaded
+        # (auto_reload is off), so a dict remembers what Jinja's weak-referenced cache would find.
+        if globals is not None or not isinstance(name, str):
+            return super().get_template(name, parent, globals)
+        template = self._loaded.get((name, parent))
+        if template is None:
+            template = self._loaded[(name, parent)] = super().get_template(name, parent)
+        return template
+
+    def call(self, context: Context, obj: Any, /, *args: Any, **kwargs: Any) -> Any:
+        # A macro (a partial's words) is safe to call and takes no context: what the sandbox's checks
+        # and Context.call would find out, with several failed attribute lookups, on every call.
+        if type(obj) is Macro:
+            kwargs.pop("_block_vars", None)
+            kwargs.pop("_loop_vars", None)
+            try:
+                return obj(*args, **kwargs)
+            except StopIteration:
+                return self.undefined(
+                    "value was undefined because a callable raised a StopIteration exception"
+                )
+        return super().call(context, obj, *args, **kwargs)
 
     def make_globals(self, d: MutableMapping[str, Any] | None) -> MutableMapping[str, Any]:
         # Jinja chains a template's globals to the environment's so that later changes show through;
@@ -269,7 +375,10 @@ def _environment(root: Path) -> Environment:
     environment = _Environment(
         loader=_InliningLoader(root),
         undefined=StrictUndefined,
-        autoescape=select_autoescape(enabled_extensions=("html",), default_for_string=False, default=False),
+        # Asked for each template at each render: the answer per file name is kept.
+        autoescape=lru_cache(maxsize=None)(
+            select_autoescape(enabled_extensions=("html",), default_for_string=False, default=False)
+        ),
         trim_blocks=True,
         lstrip_blocks=True,
         # Templates are read once per Renderer; a new run picks up edits.
@@ -286,7 +395,8 @@ def _blank_none(value: Any) -> Any:
     return "" if value is None else value
 
 
-_format_locale: ContextVar[Locale] = ContextVar("format_locale")
+# The message's formatting locale, by name: the formatting caches below hash a string faster than a Locale.
+_format_locale: ContextVar[str] = ContextVar("format_locale")
 
 
 @lru_cache(maxsize=64)
@@ -301,8 +411,8 @@ def _babel_locale(name: str) -> Locale:
 # at compile time: the locale is the message's, known at render time.
 
 
-def _current_locale() -> Locale:
-    return _format_locale.get(None) or _babel_locale("en")
+def _current_locale() -> str:
+    return _format_locale.get("en")
 
 
 @pass_context
@@ -312,10 +422,10 @@ def money(context: Context, value: Decimal | int | float, currency: str | None =
 
 
 @lru_cache(maxsize=4096)
-def _money(value: Decimal | int | float, currency: str | None, locale: Locale) -> str:
+def _money(value: Decimal | int | float, currency: str | None, locale: str) -> str:
     if currency is None:
-        return str(format_decimal(value, format="#,##0.00", locale=locale))
-    return str(format_currency(value, currency, locale=locale))
+        return str(format_decimal(value, format="#,##0.00", locale=_babel_locale(locale)))
+    return str(format_currency(value, currency, locale=_babel_locale(locale)))
 
 
 @pass_context
@@ -328,8 +438,8 @@ def date(context: Context, value: dt.date | None, format: str = "long") -> str:
 
 
 @lru_cache(maxsize=4096)
-def _date(value: dt.date, format: str, locale: Locale) -> str:
-    return str(format_date(value, format=format, locale=locale))
+def _date(value: dt.date, format: str, locale: str) -> str:
+    return str(format_date(value, format=format, locale=_babel_locale(locale)))
 
 
 @pass_context
@@ -339,8 +449,8 @@ def percent(context: Context, value: Decimal | int | float) -> str:
 
 
 @lru_cache(maxsize=1024)
-def _percent(value: Decimal | int | float, locale: Locale) -> str:
-    return str(format_percent(Decimal(value) / 100, locale=locale, decimal_quantization=False))
+def _percent(value: Decimal | int | float, locale: str) -> str:
+    return str(format_percent(Decimal(value) / 100, locale=_babel_locale(locale), decimal_quantization=False))
 
 
 @pass_context
@@ -350,8 +460,8 @@ def number(context: Context, value: Decimal | int | float) -> str:
 
 
 @lru_cache(maxsize=4096)
-def _number(value: Decimal | int | float, locale: Locale) -> str:
-    return str(format_decimal(value, locale=locale))
+def _number(value: Decimal | int | float, locale: str) -> str:
+    return str(format_decimal(value, locale=_babel_locale(locale)))
 
 
 def paragraphs(text: str | None) -> list[str]:
