@@ -307,10 +307,25 @@ def _print_text(value: Any) -> str:
     return "" if value is None else str(value)
 
 
+_DICT_ATTRIBUTES: Final = frozenset(dir(dict))
+
+
+class _Template(Template):
+    """A template whose module, as ``{% import %}`` gives it, is looked up without making a set."""
+
+    def _get_default_module(self, ctx: Context | None = None) -> TemplateModule:
+        # Jinja makes the set of the importer's globals missing from ours on every import, four per
+        # email, to learn that there are none: our templates all have the environment's globals.
+        if self._module is not None and (ctx is None or ctx.globals_keys <= self.globals.keys()):
+            return self._module
+        return super()._get_default_module(ctx)
+
+
 class _Environment(ImmutableSandboxedEnvironment):
     """The sandbox, with each template's globals as a plain dict."""
 
     code_generator_class = _CodeGenerator
+    template_class = _Template
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
@@ -361,7 +376,10 @@ class _Environment(ImmutableSandboxedEnvironment):
             try:
                 return obj[attribute]
             except KeyError:
-                pass
+                if attribute not in _DICT_ATTRIBUTES:
+                    # Where the sandbox would come to after failing getattr and the lookup once more, two
+                    # exceptions later: a field a context leaves out (``links.preferences is defined``).
+                    return self.undefined(obj=obj, name=attribute)
         elif kind is TemplateModule and not attribute.startswith("_"):
             # An imported partial's words and macros: what the template exported, nothing else.
             try:
@@ -468,6 +486,18 @@ def paragraphs(text: str | None) -> list[str]:
     """Split text into its paragraphs (separated by blank lines), each on one line."""
     if not text:
         return []
+    if type(text) is str:
+        # A run sends the same few content items to thousands: each body is split once.
+        return list(_paragraphs(text))
+    return _split_paragraphs(text)
+
+
+@lru_cache(maxsize=1024)
+def _paragraphs(text: str) -> tuple[str, ...]:
+    return tuple(_split_paragraphs(text))
+
+
+def _split_paragraphs(text: str) -> list[str]:
     return [" ".join(part.split()) for part in re.split(r"\n\s*\n", text) if part.strip()]
 
 
