@@ -171,6 +171,33 @@ def test_contact_data_is_escaped_in_html_only(renderer: Renderer) -> None:
     assert email.subject is not None and "<script>alert(1)</script> & O'Neil" in email.subject
 
 
+def test_every_kind_of_value_prints_as_jinja_prints_it(templates_copy: Path) -> None:
+    probe = templates_copy / "messages/probe/en"
+    write(probe / "subject.txt", "{{ contact.first_name }} {{ contact.last_name }}{{ profile.visits }}")
+    write(
+        probe / "email.html",
+        "{% macro bold(x) %}<b>{{ x }}</b>{% endmacro %}\n"
+        "{% set hi %}Hi {{ contact.first_name }}{% endset %}\n"
+        "<p>{{ contact.first_name }}|{{ contact.last_name }}|{{ profile.visits }}|{{ offer.value }}|"
+        "{{ '<i>ok</i>' | safe }}|{{ bold(contact.first_name) }}|{{ hi }}|"
+        "{% autoescape false %}{{ contact.first_name }}|{{ contact.last_name }}{% endautoescape %}|"
+        "{{ links.preferences is defined }}</p>\n",
+    )
+    write(probe / "email.txt", "{{ contact.first_name }}|{{ contact.last_name }}|{{ profile.visits }}\n")
+    raw = '<Ann & "Bo\'s">'
+    context = {
+        "contact": {"first_name": raw, "last_name": None},
+        "profile": {"visits": 7},
+        "offer": {"value": Decimal("10.50")},
+        "links": {},
+    }
+    email = Renderer(templates_copy, default_locale="en").render("probe", Channel.EMAIL, "en", context)
+    name = "&lt;Ann &amp; &#34;Bo&#39;s&#34;&gt;"
+    assert email.html == f"<p>{name}||7|10.50|<i>ok</i>|<b>{name}</b>|Hi {name}|{raw}||False</p>"
+    assert email.text == f"{raw}||7\n"
+    assert email.subject == f"{raw} 7"
+
+
 def test_email_html_carries_inline_styles(renderer: Renderer) -> None:
     email = renderer.render("incentive", Channel.EMAIL, "es", sample_context("incentive", "es"))
     assert email.html is not None
