@@ -562,7 +562,7 @@ def _visits_after(
     # each probe bounded by whole days, cheap to work out; the exact end (a unary + keeps it off the index)
     # is worked out for the few visits that fall within those days.
     if dialect == "sqlite":
-        indexed, plus = "INDEXED BY ix_sends_attribution", "+"
+        indexed, plus = "INDEXED BY ix_sends_by_contact", "+"
         days = f"AND v.occurred_at < date(e.at, '+{math.ceil(longest) + 1} days')"
     else:
         indexed = plus = days = ""

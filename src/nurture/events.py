@@ -31,6 +31,7 @@ from sqlalchemy.orm import Session
 from nurture import consent, db
 from nurture.channels.sendgrid import SEND_ID_ARG
 from nurture.models import (
+    IS_SMS,
     Channel,
     Consent,
     Contact,
@@ -312,9 +313,7 @@ def record_sms_status(
 ) -> Recorded:
     """Record a Twilio status callback once (by MessageSid and status); keep a final answer on the send."""
     found = session.execute(
-        select(Send.id, Send.contact_id).where(
-            Send.provider_message_id == message_sid, Send.channel == Channel.SMS
-        )
+        select(Send.id, Send.contact_id).where(Send.provider_message_id == message_sid, IS_SMS)
     ).first()
     send_id, contact_id = (found.id, found.contact_id) if found is not None else (None, None)
     new = _insert_events(

@@ -22,7 +22,7 @@ from sqlalchemy import CursorResult, String, Table, bindparam, cast, delete, fun
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from nurture.models import Channel, Contact, Send, SendCategory, SendStatus
+from nurture.models import UNSETTLED, Channel, Contact, Send, SendCategory, SendStatus
 
 _SENDS: Table = Send.__table__  # type: ignore[assignment]
 
@@ -167,6 +167,7 @@ def mark_unknown(
     statement = (
         update(Send)
         .where(
+            UNSETTLED,
             Send.status == SendStatus.CLAIMED,
             Send.claimed_at < claimed_before,
             Send.channel.in_(list(channels)),
@@ -209,7 +210,7 @@ def unknown_sends(session: Session) -> list[UnknownSend]:
         select(Send.id, Send.contact_id, Contact.external_id, Send.touch, Send.channel)
         .add_columns(Send.claimed_at, Send.error)
         .join(Contact, Contact.id == Send.contact_id)
-        .where(Send.status == SendStatus.UNKNOWN)
+        .where(UNSETTLED, Send.status == SendStatus.UNKNOWN)
         .order_by(Send.claimed_at, Send.id)
     )
     return [UnknownSend(*row) for row in session.execute(statement)]
