@@ -142,14 +142,25 @@ class PrefectStack:
             time.sleep(1)
 
     def api_post(self, path: str, body: dict[str, Any]) -> Any:
-        """POST ``body`` to one endpoint of the server's REST API; give the answer."""
+        """POST ``body`` to one endpoint of the server's REST API; give the answer.
+
+        A 503 is the server saying "try again" (its own database was busy, say): Prefect's own client retries
+        it, and so does this one, a few times.
+        """
         request = urllib.request.Request(
             f"{self.api_url}/{path}",
             data=json.dumps(body).encode(),
             headers={"Content-Type": "application/json"},
         )
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return json.load(response)
+        for attempt in range(5):
+            try:
+                with urllib.request.urlopen(request, timeout=30) as response:
+                    return json.load(response)
+            except urllib.error.HTTPError as error:
+                if error.code != 503 or attempt == 4:
+                    raise
+                time.sleep(1 + attempt)
+        raise AssertionError("unreachable")
 
     def tails(self, size: int = 6000) -> str:
         """The end of every process's log, for a failure message."""
