@@ -332,22 +332,6 @@ class _Environment(ImmutableSandboxedEnvironment):
         # Plain functions in the instance, so that the compiled templates call them without binding.
         self.print_html = _print_html
         self.print_text = _print_text
-        self._loaded: dict[tuple[str, str | None], Template] = {}
-
-    def get_template(
-        self,
-        name: str | Template,
-        parent: str | None = None,
-        globals: MutableMapping[str, Any] | None = None,
-    ) -> Template:
-        # Each email looks its layout and partial up four to six times: templates are never reloaded
-        # (auto_reload is off), so a dict remembers what Jinja's weak-referenced cache would find.
-        if globals is not None or not isinstance(name, str):
-            return super().get_template(name, parent, globals)
-        template = self._loaded.get((name, parent))
-        if template is None:
-            template = self._loaded[(name, parent)] = super().get_template(name, parent)
-        return template
 
     def call(self, context: Context, obj: Any, /, *args: Any, **kwargs: Any) -> Any:
         # A macro (a partial's words) is safe to call and takes no context: what the sandbox's checks
